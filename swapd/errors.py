@@ -1,0 +1,133 @@
+"""Every error swapd raises on purpose, in one place.
+
+    SwapdError
+    ├── ConfigError            the manifest is invalid; carries every problem found
+    ├── StartError             a llama-server did not become ready
+    │   ├── StartFailed        it exited during start (exit code + stderr tail)
+    │   └── StartTimeout       it was not healthy within ``timeouts.start``
+    ├── ModelCrashed           it exited while serving (in-flight requests get 502)
+    ├── LeaseError             a request could not get its model
+    │   ├── UnknownModel       404: no profile, alias or fallback has that name
+    │   ├── NoModelLoaded      400: the request named no model and none is loaded
+    │   ├── QueueFull          429: ``queue.max_waiting`` requests already wait
+    │   ├── QueueTimeout       504: the model was not ready within ``timeouts.queue_wait``
+    │   └── Unavailable        503: nothing can serve it (says what was tried)
+    └── ShuttingDown           503: swapd is stopping
+
+Messages name the object and, where there is one, the fix. Each ``LeaseError`` knows the
+HTTP status and OpenAI error ``type``/``code`` it becomes, so the front end maps errors to
+responses in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class SwapdError(Exception):
+    """Base of all swapd errors."""
+
+
+class ConfigError(SwapdError):
+    """The configuration is invalid. ``problems`` lists each one as ``message @ path``."""
+
+    def __init__(self, problems: Sequence[str], source: str = "config") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+
+
+class StartError(SwapdError):
+    """A llama-server did not become ready."""
+
+    def __init__(self, profile: str, message: str, *, exit_code: int | None = None,
+                 stderr_tail: Sequence[str] = ()) -> None:
+        self.profile = profile
+        self.exit_code = exit_code
+        self.stderr_tail = list(stderr_tail)
+        tail = ("\n" + "\n".join(self.stderr_tail)) if self.stderr_tail else ""
+        super().__init__(f"profile {profile!r}: {message}{tail}")
+
+
+class StartFailed(StartError):
+    """The child exited before it became ready."""
+
+
+class StartTimeout(StartError):
+    """The child did not pass its health check within the start deadline."""
+
+
+class ModelCrashed(SwapdError):
+    """The child exited while it was serving requests."""
+
+    def __init__(self, profile: str, exit_code: int | None, stderr_tail: Sequence[str] = ()) -> None:
+        self.profile = profile
+        self.exit_code = exit_code
+        self.stderr_tail = list(stderr_tail)
+        super().__init__(f"model {profile!r} exited with code {exit_code} while serving")
+
+
+class LeaseError(SwapdError):
+    """A request could not be given its model; maps to one HTTP error response."""
+
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+    retry_after: float | None = None
+
+
+class UnknownModel(LeaseError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        self.name = name
+        super().__init__(
+            f"model {name!r} is not configured; available: {', '.join(available) or 'none'}")
+
+
+class NoModelLoaded(LeaseError):
+    status = 400
+    type = "invalid_request_error"
+    code = "model_required"
+
+    def __init__(self, available: Sequence[str]) -> None:
+        super().__init__(
+            "the request names no 'model' and none is loaded; "
+            f"name one of: {', '.join(available) or 'none'}")
+
+
+class QueueFull(LeaseError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, max_waiting: int, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"{max_waiting} requests are already waiting for a model (queue.max_waiting); "
+            "retry later")
+
+
+class QueueTimeout(LeaseError):
+    status = 504
+    type = "timeout_error"
+    code = "model_not_ready"
+
+    def __init__(self, profile: str, waited: float) -> None:
+        self.profile = profile
+        super().__init__(
+            f"model {profile!r} was not ready within {waited:g}s (timeouts.queue_wait)")
+
+
+class Unavailable(LeaseError):
+    """503: the model cannot be served; the message says what was tried and why."""
+
+
+class ShuttingDown(LeaseError):
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("swapd is shutting down")
