@@ -1,0 +1,325 @@
+"""One llama-server child: spawn it, watch its output, know when it is ready, stop it.
+
+The child runs in its own session (so its process group is its own) and gets SIGKILL
+from the kernel when swapd dies, even by SIGKILL (``PR_SET_PDEATHSIG``). The death signal
+is tied to the *thread* that forked, which is why the child is spawned from the trio
+thread here and not with ``trio.lowlevel.open_process`` (that forks in a worker thread
+that trio retires after a few idle seconds, which would kill the model with it). Its exit
+is awaited on a pidfd, so nothing polls.
+
+``start_llama`` returns only once ``/health`` answered 200: the stderr "listening" line
+only hints that a poll is worth making now, the poll is the truth. Every wait has a
+deadline and ``LlamaProcess.stop`` never returns with the process group alive.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import trio
+
+from .config import Config, Profile
+from .errors import StartFailed, StartTimeout
+from .flags import build_argv
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+READY_HINTS = (b"model loaded", b"listening on", b"server is listening")
+"""Substrings of llama-server's stderr that make a /health poll worth doing at once."""
+
+TAIL_LINES = 40
+"""Lines of the child's own output kept for error messages (exit code + stderr tail)."""
+
+
+class ChildLog:
+    """Output of every child swapd ran: recent lines in memory, all of them in a file.
+
+    The file lives in ``state_dir`` and is rotated to ``<name>.1`` when it passes
+    ``max_bytes``, so a chatty model can never fill the disk. Writes are plain buffered
+    writes flushed once per read from the pipe: the kernel's page cache absorbs them.
+    """
+
+    def __init__(self, path: Path | None, *, max_bytes: int, tail_lines: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.lines: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.written = 0
+        """Lines written so far; readers of ``lines`` use it to find what is new."""
+        self._changed = trio.Event()
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+
+    def write(self, lines: Sequence[str]) -> None:
+        self.lines.extend(lines)
+        self.written += len(lines)
+        if self._file is not None:
+            self._file.write("".join(line + "\n" for line in lines).encode())
+            self._file.flush()
+            if self._file.tell() > self.max_bytes:
+                self._rotate()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _rotate(self) -> None:
+        assert self._file is not None and self.path is not None
+        self._file.close()
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._file = open(self.path, "ab")  # noqa: SIM115
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def free_port(host: str) -> int:
+    """A port the kernel says is free on ``host`` now (``llama_server.port: auto``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+        return False
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child between fork and exec."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LlamaProcess:
+    """A spawned llama-server: its pid (= process group), port, output and exit.
+
+    Also owns the HTTP client swapd uses to reach it, so that stopping the process
+    closes every upstream connection first (llama-server lingers on open streams).
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], popen: subprocess.Popen[bytes],
+                 host: str, port: int, log_sink: ChildLog | None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.pid = popen.pid
+        self.host = host
+        self.port = port
+        self.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.started_at = trio.current_time()
+        self.ready_at: float | None = None
+        self.exit_code: int | None = None
+        self.exited = trio.Event()
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            trust_env=False,  # never route loopback through an HTTP(S)_PROXY
+            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None),
+            # llama-server closes idle connections after 5 s (Keep-Alive: timeout=5).
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                keepalive_expiry=4.0),
+        )
+        self._popen = popen
+        self._log_sink = log_sink
+        self._wake = trio.Event()  # set by the readiness line and by the exit
+        self._output_done = trio.Event()
+        assert popen.stdout is not None
+        self._out = trio.lowlevel.FdStream(os.dup(popen.stdout.fileno()))
+        popen.stdout.close()
+
+    def __repr__(self) -> str:
+        return f"<LlamaProcess {self.name} pid={self.pid} port={self.port}>"
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    # -- tasks that run for the life of the process (in the supervisor's nursery) --
+
+    async def watch(self) -> None:
+        """Read the output until EOF and reap the process: both end with the child."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_output)
+            nursery.start_soon(self._reap)
+
+    async def _read_output(self) -> None:
+        pending = b""
+        async with self._out:
+            while True:
+                try:
+                    data = await self._out.receive_some(65536)
+                except trio.ClosedResourceError:
+                    return
+                if not data:
+                    break
+                pending += data
+                *complete, pending = pending.replace(b"\r", b"\n").split(b"\n")
+                if len(pending) > 8192:  # a line without end: keep it bounded
+                    complete.append(pending)
+                    pending = b""
+                lines = [raw.decode(errors="replace") for raw in complete if raw.strip()]
+                if lines:
+                    self.tail.extend(lines)
+                    if self._log_sink is not None:
+                        self._log_sink.write(lines)
+                    if self.ready_at is None and any(h in data for h in READY_HINTS):
+                        self._wake.set()
+            if pending.strip():
+                line = pending.decode(errors="replace")
+                self.tail.append(line)
+                if self._log_sink is not None:
+                    self._log_sink.write([line])
+        self._output_done.set()
+
+    async def _reap(self) -> None:
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # kernel without pidfd: poll, rarely
+            while (status := os.waitpid(self.pid, os.WNOHANG))[0] == 0:
+                await trio.sleep(0.05)
+        else:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            status = os.waitpid(self.pid, 0)
+        self.exit_code = os.waitstatus_to_exitcode(status[1])
+        self._popen.returncode = self.exit_code  # so Popen's __del__ does not wait again
+        log.info("%s (pid %d) exited with code %s", self.name, self.pid, self.exit_code)
+        self.exited.set()
+        self._wake.set()
+
+    # -- readiness --
+
+    async def wait_ready(self, timeout: float, interval: float) -> None:
+        """Return once ``/health`` answers 200; raise ``StartFailed``/``StartTimeout``."""
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    if self.exited.is_set():
+                        await self._drain_output()
+                        raise StartFailed(
+                            self.name, f"llama-server exited with code {self.exit_code} "
+                            "during start", exit_code=self.exit_code,
+                            stderr_tail=list(self.tail)[-15:])
+                    if await self._healthy():
+                        self.ready_at = trio.current_time()
+                        return
+                    with trio.move_on_after(interval):
+                        await self._wake.wait()
+                    if self._wake.is_set() and not self.exited.is_set():
+                        self._wake = trio.Event()
+        except trio.TooSlowError:
+            raise StartTimeout(
+                self.name, f"not healthy within {timeout:g}s (timeouts.start)",
+                stderr_tail=list(self.tail)[-15:]) from None
+
+    async def _healthy(self) -> bool:
+        try:
+            response = await self.client.get("/health", timeout=2.0)
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    async def _drain_output(self) -> None:
+        """Let the reader collect the last lines of a child that exited.
+
+        Bounded: a grandchild can hold the pipe open long after the child is gone.
+        """
+        with trio.move_on_after(0.5):
+            await self._output_done.wait()
+
+    # -- stopping --
+
+    async def stop(self, grace: float) -> int | None:
+        """SIGTERM the group, SIGKILL it after ``grace`` seconds, and wait for the reap.
+
+        Shielded, so a cancelled caller cannot leave the model running, and bounded, so
+        shutdown cannot hang on it: at most ``grace`` plus a few seconds.
+        """
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(1.0):
+                await self.client.aclose()
+            if self.alive:
+                self._signal_group(signal.SIGTERM)
+                with trio.move_on_after(grace):
+                    await self.exited.wait()
+            if self.alive:
+                log.warning("%s (pid %d) ignored SIGTERM for %gs; sending SIGKILL",
+                            self.name, self.pid, grace)
+                self._signal_group(signal.SIGKILL)
+                with trio.move_on_after(5.0):
+                    await self.exited.wait()
+            # Grandchildren that outlived the leader would keep the port and the VRAM.
+            self._signal_group(signal.SIGKILL)
+        return self.exit_code
+
+    def kill_now(self) -> None:
+        """SIGKILL the whole group at once (second shutdown signal, crash cleanup)."""
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def launch(config: Config, profile: Profile, log_sink: ChildLog | None) -> LlamaProcess:
+    """Spawn ``profile``'s llama-server on the configured (or a free) loopback port."""
+    host = config.llama_server.host
+    port = config.llama_server.port
+    if port is None:
+        port = free_port(host)
+    elif port_in_use(host, port):
+        raise StartFailed(profile.name, f"port {port} on {host} is in use by another "
+                          "process (llama_server.port); stop it or use port: auto")
+    return spawn(profile.name, build_argv(config, profile, port), host=host, port=port,
+                 env={**config.llama_server.env, **profile.env}, log_sink=log_sink)
+
+
+def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
+          env: dict[str, str] | None = None, log_sink: ChildLog | None = None) -> LlamaProcess:
+    """Start the child in its own session with a parent-death signal. Never a shell.
+
+    Raises ``StartFailed`` when the command cannot be executed at all.
+    """
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    try:
+        popen = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
+            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),  # type: ignore[misc]
+        )
+    except OSError as error:
+        raise StartFailed(
+            name, f"cannot run {argv[0]!r}: {error.strerror}; set llama_server.command to "
+            "the llama-server binary (a name on PATH or a full path)") from None
+    log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+    return LlamaProcess(name, argv, popen, host, port, log_sink)

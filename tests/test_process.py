@@ -1,0 +1,170 @@
+"""The process layer against real child processes (the fake llama-server).
+
+Real time is used only as deadlines that turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from swapd import process
+from swapd.errors import StartFailed, StartTimeout
+from tests.conftest import FAKE_LLAMA_SERVER
+
+HOST = "127.0.0.1"
+
+
+def fake_argv(port: int, *extra: str) -> list[str]:
+    return [sys.executable, str(FAKE_LLAMA_SERVER), "--model", "m.gguf", "--host", HOST,
+            "--port", str(port), "--alias", "m", *extra]
+
+
+async def start(*extra: str, nursery: trio.Nursery, timeout: float = 10,
+                log: process.ChildLog | None = None) -> process.LlamaProcess:
+    port = process.free_port(HOST)
+    proc = process.spawn("m", fake_argv(port, *extra), host=HOST, port=port, log_sink=log)
+    nursery.start_soon(proc.watch)
+    await proc.wait_ready(timeout, 0.02)
+    return proc
+
+
+def group_alive(pgid: int) -> bool:
+    """Any non-zombie process in group ``pgid``? (Reparented zombies may never be reaped.)"""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in "ZX":
+            return True
+    return False
+
+
+async def test_ready_only_after_health_passes(tmp_path: Path) -> None:
+    log = process.ChildLog(tmp_path / "child.log", max_bytes=1 << 20, tail_lines=100)
+    async with trio.open_nursery() as nursery:
+        proc = await start("--fake-load-ms", "300", nursery=nursery, log=log)
+        assert proc.ready_at is not None
+        assert proc.ready_at - proc.started_at >= 0.3  # not before the load finished
+        response = await proc.client.get("/health")
+        assert response.status_code == 200
+        assert await proc.stop(5) == 0
+    log.close()
+    assert any("model loaded" in line for line in log.lines)
+    assert "model loaded" in (tmp_path / "child.log").read_text()
+
+
+async def test_exit_during_start_reports_code_and_stderr() -> None:
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(StartFailed) as caught:
+            await start("--fake-exit-at-start", "7", "--fake-stderr",
+                        "error: invalid argument: --bogus", nursery=nursery)
+    error = caught.value
+    assert error.exit_code == 7
+    assert "exited with code 7 during start" in str(error)
+    assert any("invalid argument: --bogus" in line for line in error.stderr_tail)
+
+
+async def test_never_healthy_hits_the_start_deadline() -> None:
+    async with trio.open_nursery() as nursery:
+        port = process.free_port(HOST)
+        proc = process.spawn("m", fake_argv(port, "--fake-never-healthy"), host=HOST,
+                             port=port)
+        nursery.start_soon(proc.watch)
+        with pytest.raises(StartTimeout, match=r"not healthy within 0.5s \(timeouts.start\)"):
+            await proc.wait_ready(0.5, 0.02)
+        await proc.stop(5)
+    assert not proc.alive
+
+
+async def test_sigterm_ignoring_child_is_killed_after_grace() -> None:
+    async with trio.open_nursery() as nursery:
+        proc = await start("--fake-ignore-sigterm", nursery=nursery)
+        code = await proc.stop(grace=0.3)
+    assert code == -signal.SIGKILL
+    assert not group_alive(proc.pid)
+
+
+async def test_stop_kills_grandchildren_in_the_group() -> None:
+    async with trio.open_nursery() as nursery:
+        proc = await start("--fake-grandchild", nursery=nursery)
+        assert group_alive(proc.pid)
+        await proc.stop(grace=5)
+    with trio.fail_after(5):
+        while group_alive(proc.pid):
+            await trio.sleep(0.01)
+
+
+async def test_missing_command_is_a_clear_start_failure() -> None:
+    with pytest.raises(StartFailed, match="cannot run '/nonexistent/llama-server'.*"
+                                          "llama_server.command"):
+        process.spawn("m", ["/nonexistent/llama-server"], host=HOST, port=1)
+
+
+def test_port_in_use_is_detected() -> None:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert process.port_in_use(HOST, port)
+    assert not process.port_in_use(HOST, port)
+
+
+def test_child_log_rotates_at_its_cap(tmp_path: Path) -> None:
+    log = process.ChildLog(tmp_path / "child.log", max_bytes=1000, tail_lines=5)
+    log.write([f"line {i:04d} " + "x" * 40 for i in range(100)])
+    log.write(["after rotation"])
+    log.close()
+    assert (tmp_path / "child.log.1").stat().st_size > 1000
+    assert (tmp_path / "child.log").read_text() == "after rotation\n"
+    assert list(log.lines)[-1] == "after rotation"
+    assert len(log.lines) == 5
+
+
+def test_child_dies_with_swapd_even_on_sigkill(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: SIGKILL the parent, and the kernel kills the child."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, trio
+        from swapd import process
+        async def main():
+            port = process.free_port("127.0.0.1")
+            argv = {fake_argv(0)!r}
+            argv[argv.index("--port") + 1] = str(port)
+            proc = process.spawn("m", argv, host="127.0.0.1", port=port)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(proc.watch)
+                await proc.wait_ready(10, 0.02)
+                # outlive trio's idle worker threads: the child must not die with them
+                await trio.sleep(0.1)
+                print(proc.pid, flush=True)
+                await trio.sleep_forever()
+        trio.run(main)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parent.parent, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert group_alive(child)
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while group_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not group_alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
