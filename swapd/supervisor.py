@@ -1,0 +1,686 @@
+"""The supervisor: the one owner of the llama-server process and of what it serves.
+
+A single trio task (``Supervisor.run``) owns the state machine, the child, the in-flight
+leases and the waiting queue. Everything else talks to it through one bounded memory
+channel: requests send ``Acquire``/``Release``/``Withdraw``, operators ``Unload``/
+``Shutdown``, and the supervisor's own helper tasks report ``StartDone``, ``Stopped`` and
+``Exited``. Starting and stopping run in helper tasks so the loop keeps answering (and
+queueing) while a model loads.
+
+Scheduling, in one function (``_schedule``):
+
+* a request for the ready model is granted at once;
+* while another model's requests wait, the ready model keeps taking newcomers only until
+  the oldest of those has waited ``queue.starvation_bound``; then it drains (in-flight
+  requests finish, bounded by ``timeouts.drain``) and is stopped;
+* the next model is the one whose oldest waiting request has waited longest, and every
+  request waiting for it is served together (ABCABC costs three loads, not six).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from . import process
+from .config import Config, Profile
+from .errors import (
+    LeaseError,
+    ModelCrashed,
+    NoModelLoaded,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    StartError,
+    Unavailable,
+    UnknownModel,
+)
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.IDLE: frozenset({State.STARTING}),
+    # STOPPING: a start cancelled by unload or shutdown.
+    State.STARTING: frozenset({State.READY, State.FAILED, State.STOPPING}),
+    # FAILED: the child crashed while serving.
+    State.READY: frozenset({State.STOPPING, State.FAILED}),
+    State.STOPPING: frozenset({State.IDLE}),
+    State.FAILED: frozenset({State.STARTING, State.IDLE}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@attrs.define(eq=False)
+class Lease:
+    """The right to send one request to one running child.
+
+    The supervisor revokes it by cancelling ``scope`` (drain deadline passed, the child
+    crashed, shutdown); the holder runs its upstream I/O inside that scope.
+    """
+
+    profile: Profile
+    proc: process.LlamaProcess
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    revoked_because: str | None = None
+
+
+@attrs.define(eq=False)
+class Waiter:
+    """A request waiting for its model; the supervisor answers it exactly once."""
+
+    profile: str
+    enqueued: float
+    reply: trio.MemorySendChannel[Lease | LeaseError]
+    answered: bool = False
+    lease: Lease | None = None
+
+
+# -- messages on the supervisor's channel --
+
+@attrs.frozen
+class Acquire:
+    name: str | None
+    waiter: Waiter
+
+
+@attrs.frozen
+class Release:
+    lease: Lease
+
+
+@attrs.frozen
+class Withdraw:
+    waiter: Waiter
+
+
+@attrs.frozen
+class Unload:
+    done: trio.Event
+
+
+@attrs.frozen
+class Shutdown:
+    pass
+
+
+@attrs.frozen
+class StartDone:
+    profile: Profile
+    proc: process.LlamaProcess | None
+    error: StartError | None
+
+
+@attrs.frozen
+class Stopped:
+    proc: process.LlamaProcess
+
+
+@attrs.frozen
+class Exited:
+    proc: process.LlamaProcess
+
+
+Launcher = Callable[[Config, Profile, "process.ChildLog | None"], process.LlamaProcess]
+"""Spawns a profile's child; tests pass one that makes fake processes on fake time."""
+
+Message = Acquire | Release | Withdraw | Unload | Shutdown | StartDone | Stopped | Exited
+
+
+@attrs.frozen
+class Event:
+    """A fact published for status, the events stream and metrics."""
+
+    seq: int
+    at: float  # wall clock, for people
+    kind: str
+    data: dict[str, Any]
+
+
+class Supervisor:
+    """Owns the child and the state machine. See the module docstring."""
+
+    def __init__(self, config: Config, *, child_log: process.ChildLog | None = None,
+                 launcher: Launcher = process.launch,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._launch = launcher
+        self.child_log = child_log
+        self.state = State.IDLE
+        self.active: Profile | None = None
+        self.proc: process.LlamaProcess | None = None
+        self.last_error: StartError | ModelCrashed | None = None
+        self.events: deque[Event] = deque(maxlen=256)
+        self.load_seconds: dict[str, float] = _read_load_times(config)
+        self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
+        self._wall = clock
+        self._seq = 0
+        self._changed = trio.Event()
+        self._send, self._receive = trio.open_memory_channel[Message](
+            max(64, 4 * config.queue.max_waiting))
+        self._leases: set[Lease] = set()
+        self._waiting: dict[str, deque[Waiter]] = {}
+        self._n_waiting = 0
+        self._draining_since: float | None = None
+        self._idle_since = 0.0
+        self._start_began: float | None = None
+        self._start_scope: trio.CancelScope | None = None
+        self._unloads: list[trio.Event] = []
+        self._unload_requested = False
+        self._shutting_down = False
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until ``shutdown()``; the child is stopped before this returns."""
+        self._idle_since = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await self._loop()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop_now()
+                nursery.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def lease(self, name: str | None, *,
+                    queue_wait: float | None = None) -> AsyncIterator[Lease]:
+        """Hold the named profile's child for one request (loading it if needed)."""
+        lease = await self.acquire(name, queue_wait=queue_wait)
+        try:
+            yield lease
+        finally:
+            await self.release(lease)
+
+    async def acquire(self, name: str | None, *, queue_wait: float | None = None) -> Lease:
+        """Wait for a lease on ``name`` (a profile name or alias; None = the active one).
+
+        Raises a ``LeaseError``: ``QueueFull``, ``QueueTimeout`` after ``queue_wait``
+        (default ``timeouts.queue_wait``), ``Unavailable`` when the start failed.
+        A caller cancelled while waiting leaves the queue; the load it caused goes on.
+        """
+        wait = self.config.timeouts.queue_wait if queue_wait is None else queue_wait
+        reply_send, reply_receive = trio.open_memory_channel[Lease | LeaseError](1)
+        waiter = Waiter(name or "", trio.current_time(), reply_send)
+        try:
+            await self._send.send(Acquire(name, waiter))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ShuttingDown() from None
+        try:
+            with trio.fail_after(wait):
+                result = await reply_receive.receive()
+        except trio.TooSlowError:
+            await self._post_shielded(Withdraw(waiter))
+            raise QueueTimeout(waiter.profile or "?", wait) from None
+        except BaseException:
+            await self._post_shielded(Withdraw(waiter))
+            raise
+        if isinstance(result, LeaseError):
+            raise result
+        return result
+
+    async def release(self, lease: Lease) -> None:
+        await self._post_shielded(Release(lease))
+
+    async def unload(self) -> None:
+        """Stop the running model once its in-flight requests are done."""
+        done = trio.Event()
+        try:
+            await self._send.send(Unload(done))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        await done.wait()
+
+    async def shutdown(self) -> None:
+        """Ask ``run`` to drain, stop the child and return."""
+        await self._post_shielded(Shutdown())
+
+    async def wait_changed(self) -> None:
+        """Return at the next published event (state change, queue change, failure)."""
+        await self._changed.wait()
+
+    @property
+    def n_waiting(self) -> int:
+        return self._n_waiting
+
+    @property
+    def n_inflight(self) -> int:
+        return len(self._leases)
+
+    def waiting_by_profile(self) -> dict[str, int]:
+        return {name: len(q) for name, q in self._waiting.items() if q}
+
+    def load_progress(self) -> tuple[float, float | None]:
+        """Seconds since the current start began, and the expected total if known."""
+        if self.state is not State.STARTING or self._start_began is None or self.active is None:
+            return 0.0, None
+        return trio.current_time() - self._start_began, self.load_seconds.get(self.active.name)
+
+    def status(self) -> dict[str, Any]:
+        """What ``/swapd/status`` shows: a read-only view computed on demand."""
+        proc = self.proc
+        error = self.last_error
+        elapsed, expected = self.load_progress()
+        return {
+            "state": self.state.value,
+            "active": self.active.name if self.active else None,
+            "pid": proc.pid if proc else None,
+            "port": proc.port if proc else None,
+            "uptime": (trio.current_time() - proc.ready_at) if proc and proc.ready_at else None,
+            "inflight": len(self._leases),
+            "waiting": self.waiting_by_profile(),
+            "draining": self._draining_since is not None,
+            "load_elapsed": elapsed,
+            "load_expected": expected,
+            "last_error": None if error is None else {
+                "profile": error.profile,
+                "message": str(error).splitlines()[0],
+                "exit_code": error.exit_code,
+                "stderr_tail": error.stderr_tail,
+            },
+            "load_seconds": dict(self.load_seconds),
+            **self.stats,
+        }
+
+    # ----------------------------------------------------------------- the loop
+
+    async def _loop(self) -> None:
+        async with self._receive:
+            while not (self._shutting_down and self._ready_to_exit()):
+                with trio.move_on_at(self._next_deadline()):
+                    self._handle(await self._receive.receive())
+                self._on_timers()
+                self._schedule()
+
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Acquire(name, waiter):
+                self._on_acquire(name, waiter)
+            case Release(lease):
+                if lease in self._leases:
+                    self._leases.discard(lease)
+                    if not self._leases:
+                        self._idle_since = trio.current_time()
+            case Withdraw(waiter):
+                self._on_withdraw(waiter)
+            case Unload(done):
+                self._unloads.append(done)
+                self._unload_requested = True
+            case Shutdown():
+                self._shutting_down = True
+                self._fail_all_waiters(ShuttingDown())
+            case StartDone(profile, proc, error):
+                self._on_start_done(profile, proc, error)
+            case Stopped(proc):
+                if proc is self.proc:
+                    self.proc = None
+                    self.active = None
+                    self._transition(State.IDLE)
+                    self._publish("stopped", profile=proc.name, exit_code=proc.exit_code)
+            case Exited(proc):
+                self._on_exited(proc)
+
+    def _on_acquire(self, name: str | None, waiter: Waiter) -> None:
+        if self._shutting_down:
+            self._answer(waiter, ShuttingDown())
+            return
+        if name is None:
+            if self.active is None:
+                self._answer(waiter, NoModelLoaded(list(self.config.profiles)))
+                return
+            profile = self.active
+        else:
+            resolved = self.config.resolve(name)
+            if not isinstance(resolved, Profile):
+                self._answer(waiter, UnknownModel(name, list(self.config.profiles)))
+                return
+            profile = resolved
+        waiter.profile = profile.name
+        if self._can_grant(profile):
+            self._grant(waiter)
+            return
+        if self._n_waiting >= self.config.queue.max_waiting:
+            self._answer(waiter, QueueFull(self.config.queue.max_waiting,
+                                           retry_after=self._retry_after()))
+            return
+        self._waiting.setdefault(profile.name, deque()).append(waiter)
+        self._n_waiting += 1
+        self._publish("queued", profile=profile.name, waiting=self._n_waiting)
+
+    def _on_withdraw(self, waiter: Waiter) -> None:
+        queue = self._waiting.get(waiter.profile)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            self._n_waiting -= 1
+            waiter.answered = True
+            self._publish("left_queue", profile=waiter.profile, waiting=self._n_waiting)
+        elif waiter.lease is not None and waiter.lease in self._leases:
+            # Granted, but the requester was gone before it could take the lease.
+            self._leases.discard(waiter.lease)
+            if not self._leases:
+                self._idle_since = trio.current_time()
+
+    def _on_start_done(self, profile: Profile, proc: process.LlamaProcess | None,
+                       error: StartError | None) -> None:
+        self._start_scope = None
+        if self.state is State.STOPPING:  # a cancelled start
+            if proc is not None and proc.alive:  # it won the race: stop it like any other
+                assert self._nursery is not None
+                self.proc = proc
+                self._nursery.start_soon(self._run_stop, proc)
+                return
+            self.proc = None
+            self.active = None
+            self._transition(State.IDLE)
+            self._publish("stopped", profile=profile.name, exit_code=None)
+            return
+        if error is not None or proc is None:
+            assert error is not None
+            self.proc = None
+            self.last_error = error
+            self.stats["starts_failed"] += 1
+            self._transition(State.FAILED)
+            log.error("%s", error)
+            self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
+                          message=str(error).splitlines()[0])
+            # Everyone waiting for this profile hears why; others keep waiting.
+            failure = Unavailable(str(error))
+            for waiter in self._waiting.pop(profile.name, deque()):
+                self._n_waiting -= 1
+                self._answer(waiter, failure)
+            self.active = None
+            return
+        assert proc.ready_at is not None
+        seconds = proc.ready_at - proc.started_at
+        self.load_seconds[profile.name] = seconds
+        _write_load_times(self.config, self.load_seconds)
+        self.proc = proc
+        self._transition(State.READY)
+        self._idle_since = trio.current_time()
+        self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
+
+    def _on_exited(self, proc: process.LlamaProcess) -> None:
+        if proc is not self.proc or self.state is not State.READY:
+            return  # a stop or a failed start we already account for
+        error = ModelCrashed(proc.name, proc.exit_code, list(proc.tail)[-15:])
+        log.error("%s; last output:\n%s", error, "\n".join(error.stderr_tail))
+        self.last_error = error
+        self.stats["crashes"] += 1
+        proc.kill_now()  # whatever it left behind in its group
+        for lease in self._leases:
+            lease.revoked_because = str(error)
+            lease.scope.cancel()
+        self._leases.clear()
+        self.proc = None
+        self.active = None
+        self._draining_since = None
+        self._transition(State.FAILED)
+        self._publish("crashed", profile=proc.name, exit_code=proc.exit_code)
+
+    # ------------------------------------------------------------- scheduling
+
+    def serving(self, name: str | None) -> bool:
+        """Would a request for ``name`` be granted without waiting? A read-only peek."""
+        if self.active is None:
+            return False
+        profile = self.active if name is None else self.config.resolve(name)
+        return isinstance(profile, Profile) and self._can_grant(profile)
+
+    def _can_grant(self, profile: Profile) -> bool:
+        return (self.state is State.READY and self.active is not None
+                and profile.name == self.active.name and self._draining_since is None
+                and not self._unload_requested)
+
+    def _schedule(self) -> None:
+        """Decide the next step from the current state; called after every message."""
+        if self.state is State.READY:
+            assert self.active is not None
+            if self._draining_since is None:
+                for waiter in self._waiting.pop(self.active.name, deque()):
+                    self._n_waiting -= 1
+                    self._grant(waiter)
+                if self._unload_requested or self._shutting_down or self._others_starved():
+                    self._draining_since = trio.current_time()
+                    self._publish("draining", profile=self.active.name,
+                                  inflight=len(self._leases))
+            wants_other = self._unload_requested or self._shutting_down or any(
+                q for name, q in self._waiting.items() if name != self.active.name)
+            if self._draining_since is not None and not self._leases:
+                self._begin_stop()
+            elif wants_other and not self._leases and self._draining_since is None:
+                self._draining_since = trio.current_time()
+                self._begin_stop()
+        elif self.state in (State.IDLE, State.FAILED):
+            if self._unload_requested:
+                self._finish_unloads()
+            if self._shutting_down:
+                return
+            oldest = self._oldest_waiter()
+            if oldest is not None:
+                self._begin_start(self.config.profiles[oldest.profile])
+        elif self.state is State.STARTING and (self._shutting_down or self._unload_requested):
+            self._cancel_start()
+
+    def _others_starved(self) -> bool:
+        assert self.active is not None
+        bound = self.config.queue.starvation_bound
+        now = trio.current_time()
+        return any(q and now - q[0].enqueued >= bound
+                   for name, q in self._waiting.items() if name != self.active.name)
+
+    def _oldest_waiter(self) -> Waiter | None:
+        heads = [q[0] for q in self._waiting.values() if q]
+        return min(heads, key=lambda w: w.enqueued) if heads else None
+
+    def _next_deadline(self) -> float:
+        """When the loop must wake without a message: starvation, drain, TTL."""
+        deadlines = [math.inf]
+        if self.state is State.READY and self.active is not None:
+            if self._draining_since is None:
+                bound = self.config.queue.starvation_bound
+                deadlines += [q[0].enqueued + bound for name, q in self._waiting.items()
+                              if q and name != self.active.name]
+                ttl = self._ttl(self.active)
+                if ttl and not self._leases and not self._n_waiting:
+                    deadlines.append(self._idle_since + ttl)
+            elif self._leases:
+                deadlines.append(self._draining_since + self.config.timeouts.drain)
+        return min(deadlines)
+
+    def _on_timers(self) -> None:
+        now = trio.current_time()
+        if self.state is not State.READY or self.active is None:
+            return
+        if self._draining_since is not None:
+            if self._leases and now >= self._draining_since + self.config.timeouts.drain:
+                log.warning("drain of %s took longer than %gs; cutting %d request(s)",
+                            self.active.name, self.config.timeouts.drain, len(self._leases))
+                for lease in self._leases:
+                    lease.revoked_because = (
+                        f"model {self.active.name!r} is being swapped out "
+                        f"(timeouts.drain {self.config.timeouts.drain:g}s passed)")
+                    lease.scope.cancel()
+                self._leases.clear()
+            return
+        ttl = self._ttl(self.active)
+        if ttl and not self._leases and not self._n_waiting and now >= self._idle_since + ttl:
+            log.info("unloading %s after %gs idle (ttl)", self.active.name, ttl)
+            self._publish("ttl_expired", profile=self.active.name)
+            self._draining_since = now
+            self._begin_stop()
+
+    def _ttl(self, profile: Profile) -> float:
+        return profile.ttl if profile.ttl is not None else self.config.ttl
+
+    def _retry_after(self) -> float:
+        expected = self.load_seconds.get(self.active.name) if self.active else None
+        return max(1.0, round(expected or 5.0))
+
+    # ------------------------------------------------------------- transitions
+
+    def _transition(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise IllegalTransition(f"{self.state.name} -> {new.name}")
+        log.debug("state %s -> %s", self.state.name, new.name)
+        self.state = new
+        self._publish("state", state=new.value,
+                      profile=self.active.name if self.active else None)
+
+    def _grant(self, waiter: Waiter) -> None:
+        assert self.proc is not None and self.active is not None
+        lease = Lease(self.active, self.proc)
+        self._leases.add(lease)
+        waiter.lease = lease
+        self._answer(waiter, lease)
+
+    def _answer(self, waiter: Waiter, result: Lease | LeaseError) -> None:
+        if waiter.answered:
+            return
+        waiter.answered = True
+        try:
+            waiter.reply.send_nowait(result)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            if isinstance(result, Lease):
+                self._leases.discard(result)
+
+    def _fail_all_waiters(self, error: LeaseError) -> None:
+        for queue in self._waiting.values():
+            for waiter in queue:
+                self._answer(waiter, error)
+        self._waiting.clear()
+        self._n_waiting = 0
+
+    def _begin_start(self, profile: Profile) -> None:
+        assert self._nursery is not None
+        self.active = profile
+        self._draining_since = None
+        self._start_began = trio.current_time()
+        self._transition(State.STARTING)
+        self._publish("starting", profile=profile.name,
+                      expected_seconds=self.load_seconds.get(profile.name))
+        scope = trio.CancelScope()
+        self._start_scope = scope
+        self._nursery.start_soon(self._run_start, profile, scope)
+
+    def _begin_stop(self) -> None:
+        assert self._nursery is not None and self.proc is not None
+        self.stats["swaps"] += 1
+        self._transition(State.STOPPING)
+        self._draining_since = None
+        self._publish("stopping", profile=self.proc.name)
+        self._nursery.start_soon(self._run_stop, self.proc)
+
+    def _cancel_start(self) -> None:
+        if self._start_scope is not None:
+            self._start_scope.cancel()
+        self._transition(State.STOPPING)
+
+    def _finish_unloads(self) -> None:
+        self._unload_requested = False
+        for done in self._unloads:
+            done.set()
+        self._unloads.clear()
+
+    def _ready_to_exit(self) -> bool:
+        return self.state in (State.IDLE, State.FAILED) and self._start_scope is None
+
+    def _publish(self, kind: str, **data: Any) -> None:
+        self._seq += 1
+        self.events.append(Event(self._seq, self._wall(), kind, data))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ----------------------------------------------------------- helper tasks
+
+    async def _run_start(self, profile: Profile, scope: trio.CancelScope) -> None:
+        timeouts = self.config.timeouts
+        proc: process.LlamaProcess | None = None
+        error: StartError | None = None
+        with scope:
+            try:
+                proc = self._launch(self.config, profile, self.child_log)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._watch, proc)
+                await proc.wait_ready(timeouts.start, timeouts.health_interval)
+            except StartError as failure:
+                error = failure
+        if (error is not None or scope.cancelled_caught) and proc is not None:
+            await proc.stop(timeouts.stop)
+        await self._post_shielded(StartDone(profile, proc, error))
+
+    async def _run_stop(self, proc: process.LlamaProcess) -> None:
+        started = trio.current_time()
+        await proc.stop(self.config.timeouts.stop)
+        log.info("stopped %s in %.0f ms (exit code %s)", proc.name,
+                 1000 * (trio.current_time() - started), proc.exit_code)
+        await self._post_shielded(Stopped(proc))
+
+    async def _watch(self, proc: process.LlamaProcess) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(proc.watch)
+            await proc.exited.wait()
+            await self._post_shielded(Exited(proc))
+
+    async def _post_shielded(self, message: Message) -> None:
+        """Send from cleanup paths: shielded so it happens, bounded so it cannot hang."""
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self._send.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _stop_now(self) -> None:
+        """Last resort when ``run`` ends: the child never outlives the supervisor."""
+        for lease in self._leases:
+            lease.scope.cancel()
+        if self.proc is not None and self.proc.alive:
+            await self.proc.stop(self.config.timeouts.stop)
+
+
+def _load_times_path(config: Config) -> Path:
+    return config.state_dir / "load_times.json"
+
+
+def _read_load_times(config: Config) -> dict[str, float]:
+    """Last load duration per profile, so progress shows an ETA from the second load on."""
+    try:
+        data = json.loads(_load_times_path(config).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+
+def _write_load_times(config: Config, times: dict[str, float]) -> None:
+    path = _load_times_path(config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as error:
+        log.warning("cannot remember load times in %s: %s", path, error)

@@ -1,0 +1,390 @@
+"""The supervisor's scheduling on trio's fake clock.
+
+The process boundary is faked (``FakeProc`` loads for a set time, can fail or crash), so
+queue waits, starvation bounds, drain deadlines and TTLs run in milliseconds. The real
+process layer is tested against real children in ``test_process.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from swapd.config import Config, Profile, parse_config
+from swapd.errors import (
+    ModelCrashed,
+    NoModelLoaded,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    StartFailed,
+    Unavailable,
+    UnknownModel,
+)
+from swapd.supervisor import IllegalTransition, State, Supervisor
+
+_pids = itertools.count(1000)
+
+
+class FakeProc:
+    """Stands in for ``process.LlamaProcess`` with fake-clock timings."""
+
+    def __init__(self, profile: Profile, load_time: float, fail_code: int | None) -> None:
+        self.name = profile.name
+        self.pid = next(_pids)
+        self.port = 0
+        self.started_at = trio.current_time()
+        self.ready_at: float | None = None
+        self.exit_code: int | None = None
+        self.exited = trio.Event()
+        self.tail: deque[str] = deque(["loading", "boom: out of memory"] if fail_code else [])
+        self.stopped_at: float | None = None
+        self._load_time = load_time
+        self._fail_code = fail_code
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    async def watch(self) -> None:
+        await self.exited.wait()
+
+    async def wait_ready(self, timeout: float, interval: float) -> None:
+        await trio.sleep(self._load_time)
+        if self._fail_code is not None:
+            self.exit(self._fail_code)
+            raise StartFailed(self.name, f"exited with code {self._fail_code} during start",
+                              exit_code=self._fail_code, stderr_tail=list(self.tail))
+        self.ready_at = trio.current_time()
+
+    async def stop(self, grace: float) -> int | None:
+        await trio.sleep(0.01)
+        self.stopped_at = trio.current_time()
+        self.exit(0)
+        return 0
+
+    def kill_now(self) -> None:
+        self.exit(-9)
+
+    def exit(self, code: int) -> None:
+        if self.alive:
+            self.exit_code = code
+            self.exited.set()
+
+
+class FakeLauncher:
+    def __init__(self, load_time: float = 1.0) -> None:
+        self.load_time = load_time
+        self.launched: list[FakeProc] = []
+        self.failing: dict[str, int] = {}
+
+    def __call__(self, config: Config, profile: Profile, log: Any) -> FakeProc:
+        proc = FakeProc(profile, self.load_time, self.failing.get(profile.name))
+        self.launched.append(proc)
+        return proc
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.launched]
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    queue = overrides.get("queue", "max_waiting: 10\n  starvation_bound: 10s")
+    timeouts = overrides.get("timeouts", "queue_wait: 60s\n  drain: 5s\n  stop: 2s")
+    text = f"""
+state_dir: {tmp_path}
+ttl: {overrides.get('ttl', 0)}
+queue:
+  {queue}
+timeouts:
+  {timeouts}
+profiles:
+  a: {{model: a.gguf, aliases: [alpha]}}
+  b: {{model: b.gguf}}
+  c: {{model: c.gguf}}
+"""
+    return parse_config(text, base_dir=tmp_path)
+
+
+async def start_supervisor(nursery: trio.Nursery, config: Config,
+                           launcher: FakeLauncher) -> Supervisor:
+    sup = Supervisor(config, launcher=launcher)  # type: ignore[arg-type]
+    await nursery.start(sup.run)
+    return sup
+
+
+async def use(sup: Supervisor, name: str | None, hold: float = 0.0,
+              log: list[tuple[str, float]] | None = None) -> None:
+    async with sup.lease(name) as lease:
+        if log is not None:
+            log.append((lease.profile.name, trio.current_time()))
+        await trio.sleep(hold)
+
+
+async def test_first_request_loads_the_model(tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=3.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        lease = await sup.acquire("alpha")
+        assert lease.profile.name == "a"
+        assert sup.state is State.READY
+        assert trio.current_time() == pytest.approx(3.0, abs=0.1)
+        await sup.release(lease)
+        assert sup.load_seconds["a"] == pytest.approx(3.0)
+        await sup.shutdown()
+    assert launcher.launched[0].stopped_at is not None
+    assert (tmp_path / "load_times.json").exists()
+
+
+async def test_interleaved_burst_loads_each_model_once(tmp_path: Path,
+                                                       autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=1.0)
+    served: list[tuple[str, float]] = []
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        async with trio.open_nursery() as clients:
+            for name in "abcabcabc":
+                clients.start_soon(use, sup, name, 0.5, served)
+                await trio.sleep(0.001)
+        await sup.shutdown()
+    assert launcher.names == ["a", "b", "c"]
+    assert [name for name, _ in served] == list("aaabbbccc")
+
+
+async def test_ready_model_is_served_without_waiting(tmp_path: Path,
+                                                     autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        before = trio.current_time()
+        await use(sup, "a")
+        await use(sup, None)  # no model named: the active one
+        assert trio.current_time() == before
+        assert launcher.names == ["a"]
+        await sup.shutdown()
+
+
+async def test_no_model_and_unknown_model(tmp_path: Path, autojump_clock: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), FakeLauncher())
+        with pytest.raises(NoModelLoaded, match="name one of: a, b, c"):
+            await sup.acquire(None)
+        with pytest.raises(UnknownModel, match="'zz' is not configured"):
+            await sup.acquire("zz")
+        await sup.shutdown()
+
+
+async def test_queue_full_is_429_with_retry_after(tmp_path: Path, autojump_clock: Any) -> None:
+    config = make_config(tmp_path, queue="max_waiting: 2")
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, FakeLauncher(load_time=5.0))
+        async with trio.open_nursery() as clients:
+            clients.start_soon(use, sup, "a")
+            clients.start_soon(use, sup, "a")
+            await trio.testing.wait_all_tasks_blocked()
+            assert sup.n_waiting == 2
+            with pytest.raises(QueueFull) as caught:
+                await sup.acquire("b")
+            assert caught.value.status == 429
+            assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+        await sup.shutdown()
+
+
+async def test_queue_wait_is_504_and_the_load_goes_on(tmp_path: Path,
+                                                      autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=10.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        with pytest.raises(QueueTimeout, match="'b' was not ready within 4s") as caught:
+            await sup.acquire("b", queue_wait=4)
+        assert caught.value.status == 504
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.n_waiting == 0
+        await trio.sleep(7)
+        assert sup.state is State.READY and sup.active is not None
+        assert sup.active.name == "b"
+        await sup.shutdown()
+
+
+async def test_cancelled_waiter_leaves_the_queue(tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=10.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        with trio.move_on_after(2):
+            await sup.acquire("a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.n_waiting == 0
+        assert sup.state is State.STARTING
+        await trio.sleep(9)
+        assert sup.state is State.READY
+        assert sup.n_inflight == 0  # nobody holds a lease for the gone client
+        await sup.shutdown()
+
+
+async def test_inflight_request_finishes_before_its_model_stops(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=1.0)
+    served: list[tuple[str, float]] = []
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        async with trio.open_nursery() as clients:
+            clients.start_soon(use, sup, "a", 3.0, served)  # a long generation on a
+            await trio.sleep(0.5)
+            clients.start_soon(use, sup, "b", 0.0, served)
+        a_proc = launcher.launched[0]
+        assert a_proc.stopped_at is not None
+        assert a_proc.stopped_at >= served[0][1] + 3.0  # not before the request ended
+        assert served[1][0] == "b"
+        await sup.shutdown()
+
+
+async def test_starvation_bound_stops_newcomers_to_a_busy_model(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    """A steady stream of requests for a cannot hold b off past the bound."""
+    config = make_config(tmp_path, queue="max_waiting: 50\n  starvation_bound: 4s")
+    launcher = FakeLauncher(load_time=1.0)
+    served: list[tuple[str, float]] = []
+
+    async def busy_client(offset: float) -> None:
+        await trio.sleep(offset)  # staggered: a always has a request in flight
+        while trio.current_time() < 30:
+            await use(sup, "a", 1.0, served)
+            await trio.sleep(0.2)
+
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        await use(sup, "a")
+        async with trio.open_nursery() as clients:
+            for offset in (0.0, 0.4, 0.8):
+                clients.start_soon(busy_client, offset)
+            await trio.sleep(1.5)
+            asked = trio.current_time()
+            clients.start_soon(use, sup, "b", 0.0, served)
+        b_served = next(t for name, t in served if name == "b")
+        # bound (4 s) + the last a-request's remaining time (<= 1 s) + stop + load (1 s)
+        assert b_served - asked <= 4 + 1 + 1 + 0.1
+        assert b_served - asked >= 4  # a kept serving its newcomers until the bound
+        await sup.shutdown()
+
+
+async def test_drain_deadline_cuts_a_request_that_never_ends(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    config = make_config(tmp_path, queue="starvation_bound: 1s",
+                         timeouts="drain: 3s\n  queue_wait: 60s")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        lease = await sup.acquire("a")
+        async with trio.open_nursery() as clients:
+            clients.start_soon(use, sup, "b")
+            with lease.scope:
+                await trio.sleep_forever()
+        assert lease.scope.cancelled_caught
+        assert "being swapped out" in (lease.revoked_because or "")
+        await sup.release(lease)
+        assert launcher.names == ["a", "b"]
+        # bound 1 s + drain 3 s after b asked at t=1, then stop + load
+        assert trio.current_time() == pytest.approx(1 + 1 + 3 + 1, abs=0.2)
+        await sup.shutdown()
+
+
+async def test_failed_start_answers_its_waiters_with_the_reason(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=0.5)
+    launcher.failing["b"] = 137
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        with pytest.raises(Unavailable, match="exited with code 137") as caught:
+            await sup.acquire("b")
+        assert "out of memory" in str(caught.value)
+        assert sup.state is State.FAILED
+        status = sup.status()
+        assert status["last_error"]["exit_code"] == 137
+        assert "boom: out of memory" in status["last_error"]["stderr_tail"]
+        await use(sup, "a")  # a working profile still loads after a failure
+        assert sup.state is State.READY
+        await sup.shutdown()
+
+
+async def test_crash_while_serving_revokes_leases(tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        lease = await sup.acquire("a")
+        launcher.launched[0].exit(139)
+        with lease.scope:
+            await trio.sleep_forever()
+        assert lease.scope.cancelled_caught
+        await sup.release(lease)
+        assert sup.state is State.FAILED
+        assert isinstance(sup.last_error, ModelCrashed)
+        assert sup.last_error.exit_code == 139
+        await use(sup, "a")  # the next request starts it again
+        assert len(launcher.launched) == 2
+        await sup.shutdown()
+
+
+async def test_ttl_unloads_an_idle_model(tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path, ttl="30s"), launcher)
+        await use(sup, "a", hold=10)
+        await trio.sleep(29)
+        assert sup.state is State.READY  # idle time counts from the end of the request
+        await trio.sleep(2)
+        assert sup.state is State.IDLE
+        assert launcher.launched[0].stopped_at == pytest.approx(1 + 10 + 30, abs=0.1)
+        await sup.shutdown()
+
+
+async def test_unload_waits_for_inflight_then_stops(tmp_path: Path,
+                                                    autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        async with trio.open_nursery() as clients:
+            clients.start_soon(use, sup, "a", 2.0)
+            await trio.sleep(1.5)
+            await sup.unload()
+        assert sup.state is State.IDLE
+        assert launcher.launched[0].stopped_at is not None
+        assert launcher.launched[0].stopped_at >= 3.0
+        await sup.unload()  # unloading nothing is fine
+        await sup.shutdown()
+
+
+async def test_shutdown_answers_waiters_and_stops_the_child(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=5.0)
+    errors: list[Exception] = []
+
+    async def waiting_client() -> None:
+        try:
+            await use(sup, "b")
+        except ShuttingDown as error:
+            errors.append(error)
+
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        nursery.start_soon(waiting_client)
+        await trio.testing.wait_all_tasks_blocked()
+        await sup.shutdown()
+    assert len(errors) == 1 and errors[0].status == 503
+    assert all(not p.alive for p in launcher.launched)
+    with pytest.raises(ShuttingDown):
+        await sup.acquire("a")
+
+
+def test_illegal_transition_raises(tmp_path: Path) -> None:
+    sup = Supervisor(make_config(tmp_path))
+    with pytest.raises(IllegalTransition, match="IDLE -> READY"):
+        sup._transition(State.READY)
