@@ -1,0 +1,61 @@
+"""What every discovery endpoint says about a profile, computed once per config.
+
+Clients size their prompts from the advertised context, so it must be the context the
+model will really run with: the profile's ``ctx-size`` flag, else the training context
+from the GGUF header (llama-server's own default). Reading headers is file I/O, so the
+catalog is built off the event loop, at start and at reload, never per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import attrs
+
+from .config import Config, Profile
+from .ggufmeta import GGUFError, read_info
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096
+"""Advertised when neither the profile nor a readable model file says (documented)."""
+
+
+@attrs.frozen
+class ModelEntry:
+    profile: Profile
+    context_length: int
+    architecture: str
+    file_size: int
+    modified: float
+    model_name: str | None
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+
+def build_catalog(config: Config) -> dict[str, ModelEntry]:
+    return {name: _entry(profile) for name, profile in config.profiles.items()}
+
+
+def _entry(profile: Profile) -> ModelEntry:
+    architecture, ctx_train, size, modified, model_name = "llama", None, 0, 0.0, None
+    try:
+        info = read_info(profile.model)
+        stat = os.stat(profile.model)
+    except (OSError, GGUFError) as error:
+        log.debug("no GGUF metadata for %s: %s", profile.name, error)
+    else:
+        architecture = info.architecture or architecture
+        ctx_train, size, modified, model_name = (
+            info.context_length, info.file_size, stat.st_mtime, info.name)
+    return ModelEntry(
+        profile=profile,
+        context_length=profile.ctx_size or ctx_train or DEFAULT_CONTEXT,
+        architecture=architecture,
+        file_size=size,
+        modified=modified,
+        model_name=model_name,
+    )

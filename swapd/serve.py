@@ -1,0 +1,121 @@
+"""``swapd serve``: the supervisor and the HTTP server in one trio run.
+
+Shutdown order (SIGTERM/SIGINT): hypercorn stops accepting and gives in-flight requests
+``timeouts.drain`` to finish, then the supervisor stops the child, then the process exits
+0. A second signal skips the wait: the child is killed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from . import process
+from .app import Frontend, create_app, frontend_for
+from .config import Config, load_config
+from .errors import ConfigError
+from .supervisor import Launcher, Supervisor
+
+log = logging.getLogger("swapd")
+
+
+@attrs.define
+class Running:
+    """A started swapd: what tests and the signal handler need to reach."""
+
+    frontend: Frontend
+    urls: list[str]
+    shutdown: trio.Event
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return self.frontend.supervisor
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+
+def hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    host = config.listen.host
+    hc.bind = [f"[{host}]:{config.listen.port}" if ":" in host else
+               f"{host}:{config.listen.port}"]
+    hc.graceful_timeout = config.timeouts.drain
+    hc.include_server_header = False
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+@asynccontextmanager
+async def open_server(config: Config, *,
+                      launcher: Launcher = process.launch) -> AsyncIterator[Running]:
+    """Run swapd inside the caller's trio run until the block exits, then shut it down."""
+    child_log = process.ChildLog(config.state_dir / "llama-server.log",
+                                 max_bytes=config.logs.max_bytes,
+                                 tail_lines=config.logs.tail_lines)
+    supervisor = Supervisor(config, child_log=child_log, launcher=launcher)
+    frontend = await trio.to_thread.run_sync(frontend_for, config, supervisor, child_log)
+    app = create_app(frontend)
+    shutdown = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            urls = await nursery.start(partial(
+                hypercorn_serve, app, hypercorn_config(config),
+                shutdown_trigger=shutdown.wait))
+            running = Running(frontend, urls, shutdown)
+            try:
+                yield running
+            finally:
+                # Both drain at once: hypercorn its requests, the supervisor its leases
+                # (waiters get 503 now); the child stops when the last lease is back.
+                shutdown.set()
+                await supervisor.shutdown()
+    finally:
+        child_log.close()
+
+
+async def _main(config: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with open_server(config) as running:
+            log.info("swapd listening on %s with %d profile(s)", ", ".join(running.urls),
+                     len(config.profiles))
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.warning("SIGHUP: config reload is not available in this build")
+                    continue
+                if running.shutdown.is_set():  # second signal: no more waiting
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    proc = running.supervisor.proc
+                    if proc is not None:
+                        proc.kill_now()
+                    raise SystemExit(1)
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                break
+
+
+def run(config_path: str | os.PathLike[str]) -> int:
+    logging.basicConfig(
+        level=os.environ.get("SWAPD_LOG_LEVEL", "INFO").upper(),
+        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    trio.run(_main, config)
+    return 0

@@ -1,0 +1,329 @@
+"""The HTTP surface end to end: swapd in-process, fake llama-server children, real clients.
+
+Each test runs swapd on a free loopback port with profiles whose children are the fake
+llama-server (real processes, so swaps are real spawns and real SIGTERMs). Timings here
+are deadlines only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+import trio
+import trio.testing
+
+from swapd.config import parse_config
+from swapd.progress import PREFIX
+from swapd.serve import Running, open_server
+from tests.conftest import FAKE_LLAMA_SERVER
+
+
+def config_text(tmp_path: Path, *, queue: dict[str, Any] | None = None,
+                timeouts: dict[str, Any] | None = None, a_flags: dict[str, Any] | None = None,
+                b_flags: dict[str, Any] | None = None, **extra: Any) -> str:
+    config = {
+        "listen": "127.0.0.1:0",
+        "state_dir": str(tmp_path / "state"),
+        "llama_server": {"command": [sys.executable, str(FAKE_LLAMA_SERVER)]},
+        "timeouts": {"start": "20s", "stop": "5s", **(timeouts or {})},
+        "queue": {"max_waiting": 10, **(queue or {})},
+        "progress": {"keepalive": "1s"},
+        "profiles": {
+            "a": {"model": "a.gguf", "aliases": ["alpha"], "display_name": "Model A",
+                  "flags": {"ctx-size": 8192, "fake-load-ms": 200, **(a_flags or {})}},
+            "b": {"model": "b.gguf",
+                  "flags": {"ctx-size": 4096, "fake-load-ms": 300, "jinja": True,
+                            **(b_flags or {})}},
+        },
+        **extra,
+    }
+    return json.dumps(config)  # JSON is YAML
+
+
+@asynccontextmanager
+async def swapd(tmp_path: Path, **kwargs: Any) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
+    config = parse_config(config_text(tmp_path, **kwargs), base_dir=tmp_path)
+    async with open_server(config) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=30) as client:
+        yield running, client
+
+
+def chat(model: str | None, *, stream: bool = False, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                            **extra}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def sse_events(text: str) -> tuple[list[str], list[Any]]:
+    """Split an SSE body into comments and decoded data payloads (``[DONE]`` kept)."""
+    comments, data = [], []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith(":"):
+                comments.append(line)
+            elif line.startswith("data: "):
+                raw = line[len("data: "):]
+                data.append(raw if raw == "[DONE]" else json.loads(raw))
+            elif line:
+                raise AssertionError(f"unexpected SSE line {line!r}")
+    return comments, data
+
+
+async def test_requests_swap_models_on_demand(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        first = await client.post("/v1/chat/completions", json=chat("alpha"))
+        assert first.status_code == 200
+        text_a = first.json()["choices"][0]["message"]["content"]
+        assert text_a.startswith("fake:a:")
+        pid_a = running.supervisor.proc.pid  # type: ignore[union-attr]
+        second = await client.post("/v1/chat/completions", json=chat("b"))
+        assert second.status_code == 200
+        assert second.json()["choices"][0]["message"]["content"].startswith("fake:b:")
+        assert running.supervisor.proc.pid != pid_a  # type: ignore[union-attr]
+        # no model named: the active one answers
+        third = await client.post("/v1/completions", json={"prompt": "x"})
+        assert third.status_code == 200
+        assert running.supervisor.stats["swaps"] == 1
+
+
+async def test_streaming_request_sees_progress_then_the_answer(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (_running, client):
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json=chat("b", stream=True)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            chunks = response.aiter_raw()
+            first = await chunks.__anext__()
+            assert first.startswith(b": swapd loading b")
+            rest = first + b"".join([c async for c in chunks])
+        comments, data = sse_events(rest.decode())
+        assert data[-1] == "[DONE]"
+        chunks = data[:-1]
+        for chunk in chunks:  # every data line is a complete chunk with choices
+            assert chunk["object"] == "chat.completion.chunk"
+            assert {"id", "created", "model", "choices"} <= chunk.keys()
+            assert chunk["choices"][0]["index"] == 0
+        progress = [c for c in chunks if "reasoning_content" in c["choices"][0]["delta"]]
+        assert progress, "no progress chunk"
+        for chunk in progress:
+            delta = chunk["choices"][0]["delta"]
+            assert delta["reasoning_content"].startswith(PREFIX)
+            assert "content" not in delta
+            assert chunk["choices"][0]["finish_reason"] is None
+        answer = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert answer.startswith("fake:b:")
+
+
+async def test_openai_sdk_streams_and_waits_through_a_swap(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, _client):
+        sdk = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+
+        def streamed(model: str) -> tuple[str, str]:
+            reasoning, content = "", ""
+            for chunk in sdk.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}], stream=True):
+                delta = chunk.choices[0].delta
+                reasoning += getattr(delta, "reasoning_content", None) or ""
+                content += delta.content or ""
+            return reasoning, content
+
+        reasoning, content = await trio.to_thread.run_sync(streamed, "a")
+        assert "loading a" in reasoning and reasoning.startswith(PREFIX)
+        assert content.startswith("fake:a:")
+        reasoning, content = await trio.to_thread.run_sync(streamed, "b")
+        assert "b" in reasoning
+        assert content.startswith("fake:b:")
+        completion = await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": "hi"}]))
+        assert completion.choices[0].message.content.startswith("fake:a:")
+        models = await trio.to_thread.run_sync(lambda: sdk.models.list())
+        assert [m.id for m in models.data] == ["a", "b"]
+
+
+async def test_ollama_client_lists_and_shows(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, _client):
+        client = ollama.Client(host=running.url)
+        listed = await trio.to_thread.run_sync(client.list)
+        assert [m.model for m in listed.models] == ["a", "b"]
+        shown = await trio.to_thread.run_sync(lambda: client.show("alpha"))
+        assert shown.parameters == "num_ctx 8192"
+        assert shown.modelinfo is not None
+        assert shown.modelinfo["llama.context_length"] == 8192
+        shown_b = await trio.to_thread.run_sync(lambda: client.show("b:latest"))
+        assert "tools" in (shown_b.capabilities or [])
+        assert running.supervisor.state.value == "idle"  # nothing was loaded
+
+
+async def test_probes_never_load_swap_or_unload(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        probes = ["/v1/models", "/models", "/v1/models/alpha", "/api/tags",
+                  "/api/show?model=b", "/api/ps", "/api/version", "/api/v1/models",
+                  "/props", "/props?model=b", "/v1/props?model=a", "/version", "/v1",
+                  "/health", "/swapd/status"]
+        for path in probes:
+            response = await client.get(path)
+            assert response.status_code == 200, path
+        assert (await client.post("/api/show", json={"name": "a"})).status_code == 200
+        assert running.supervisor.state.value == "idle"
+        assert running.supervisor.proc is None
+
+        await client.post("/v1/chat/completions", json=chat("a"))
+        pid = running.supervisor.proc.pid  # type: ignore[union-attr]
+        for path in probes:
+            assert (await client.get(path)).status_code == 200, path
+        assert running.supervisor.proc.pid == pid  # type: ignore[union-attr]
+        assert running.supervisor.active.name == "a"  # type: ignore[union-attr]
+
+        models = (await client.get("/v1/models")).json()["data"]
+        by_id = {m["id"]: m for m in models}
+        assert by_id["a"]["context_length"] == by_id["a"]["max_model_len"] == 8192
+        assert by_id["a"]["status"] == "loaded" and by_id["b"]["status"] == "unloaded"
+        live = (await client.get("/props")).json()  # the running child's own /props
+        assert live["default_generation_settings"]["n_ctx"] == 8192
+        synthesized = (await client.get("/props?model=b")).json()
+        assert synthesized["default_generation_settings"]["n_ctx"] == 4096
+        assert synthesized["model_alias"] == "b"
+        empty = (await client.post("/api/show", json={"model": ""})).json()
+        assert empty["parameters"] == "num_ctx 8192"  # empty name: the active profile
+        lm = (await client.get("/api/v1/models")).json()["models"]
+        assert lm[0]["loaded_instances"][0]["config"]["context_length"] == 8192
+        assert lm[1]["loaded_instances"] == [] and lm[1]["max_context_length"] == 4096
+
+
+async def test_request_errors_are_openai_shaped(tmp_path: Path) -> None:
+    async with swapd(tmp_path, security={"max_body": "2KiB"}) as (running, client):
+        bad = await client.post("/v1/chat/completions", content=b"{not json")
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "invalid_json"
+        unknown = await client.post("/v1/chat/completions", json=chat("nope"))
+        assert unknown.status_code == 404
+        assert "available: a, alpha, b" in unknown.json()["error"]["message"]
+        none = await client.post("/v1/chat/completions", json=chat(None))
+        assert none.status_code == 400
+        assert "names no 'model'" in none.json()["error"]["message"]
+        big = await client.post("/v1/chat/completions", json=chat("a", pad="x" * 4000))
+        assert big.status_code == 413
+        assert set(big.json()["error"]) == {"message", "type", "code"}
+        assert running.supervisor.proc is None  # none of these loaded anything
+
+
+async def test_queue_full_gives_429_with_retry_after(tmp_path: Path) -> None:
+    async with swapd(tmp_path, queue={"max_waiting": 1},
+                     a_flags={"fake-never-healthy": True}) as (_running, client):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("a")))
+            with trio.fail_after(10):
+                while _running.supervisor.n_waiting < 1:
+                    await trio.sleep(0.01)
+            full = await client.post("/v1/chat/completions", json=chat("b"))
+            assert full.status_code == 429
+            assert int(full.headers["retry-after"]) >= 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_queue_wait_gives_504_naming_the_model(tmp_path: Path) -> None:
+    async with swapd(tmp_path, timeouts={"queue_wait": "500ms"},
+                     a_flags={"fake-never-healthy": True}) as (running, client):
+        slow = await client.post("/v1/chat/completions", json=chat("a"))
+        assert slow.status_code == 504
+        assert "'a' was not ready within 0.5s" in slow.json()["error"]["message"]
+        assert running.supervisor.state.value == "starting"  # the load goes on
+
+
+async def test_failed_start_is_503_with_exit_code_and_stderr(tmp_path: Path) -> None:
+    flags = {"fake-exit-at-start": 1, "fake-stderr": "error: invalid argument: --bogus"}
+    async with swapd(tmp_path, b_flags=flags) as (_running, client):
+        failed = await client.post("/v1/chat/completions", json=chat("b"))
+        assert failed.status_code == 503
+        message = failed.json()["error"]["message"]
+        assert "exited with code 1" in message and "invalid argument: --bogus" in message
+        status = (await client.get("/swapd/status")).json()
+        assert status["last_error"]["exit_code"] == 1
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json=chat("b", stream=True)) as response:
+            body = (await response.aread()).decode()
+        _comments, data = sse_events(body)
+        assert data[-1] == "[DONE]"
+        assert "invalid argument: --bogus" in data[-2]["error"]["message"]
+
+
+async def test_crash_mid_request_is_502_or_in_band(tmp_path: Path) -> None:
+    async with swapd(tmp_path, a_flags={"fake-crash-after": 1}) as (_running, client):
+        crashed = await client.post("/v1/chat/completions", json=chat("a"))
+        assert crashed.status_code == 502
+        assert "did not answer" in crashed.json()["error"]["message"]
+    async with swapd(tmp_path, a_flags={"fake-crash-mid-stream": 2}) as (_running, client):
+        await client.post("/swapd/load", json={"model": "a"})
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json=chat("a", stream=True)) as response:
+            assert response.status_code == 200
+            body = (await response.aread()).decode()
+        _comments, data = sse_events(body)
+        assert data[-1] == "[DONE]"
+        assert data[-2]["error"]["code"] == "model_failed"
+
+
+async def test_client_leaving_the_queue_does_not_cancel_the_load(tmp_path: Path) -> None:
+    async with swapd(tmp_path, a_flags={"fake-load-ms": 1500}) as (running, client):
+        with trio.move_on_after(0.5):
+            await client.post("/v1/chat/completions", json=chat("a"))
+        with trio.fail_after(5):
+            while running.supervisor.n_waiting:
+                await trio.sleep(0.01)
+        assert running.supervisor.state.value == "starting"
+        with trio.fail_after(20):
+            while running.supervisor.state.value != "ready":
+                await trio.sleep(0.02)
+        assert running.supervisor.n_inflight == 0
+
+
+async def test_progress_lines_are_stripped_from_returning_messages(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (_running, client):
+        messages = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello",
+             "reasoning_content": f"{PREFIX}loading a: 50%\nreal thought"},
+            {"role": "assistant", "content": "again", "reasoning": f"{PREFIX}queued\n"},
+        ]
+        echoed = await client.post("/v1/echo", json={"model": "a", "messages": messages})
+        assert echoed.status_code == 200
+        sent = echoed.json()
+        sent = sent.get("body", sent)
+        assert sent["messages"][1]["reasoning_content"] == "real thought"
+        assert "reasoning" not in sent["messages"][2]
+
+
+async def test_operations_load_unload_and_status(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        loaded = await client.post("/swapd/load", json={"model": "alpha"})
+        assert loaded.status_code == 200 and loaded.json()["model"] == "a"
+        status = (await client.get("/swapd/status")).json()
+        assert status["state"] == "ready" and status["active"] == "a"
+        assert status["pid"] == running.supervisor.proc.pid  # type: ignore[union-attr]
+        logs = await client.get("/swapd/logs")
+        assert "model loaded" in logs.text
+        unloaded = await client.post("/swapd/unload")
+        assert unloaded.json()["state"] == "idle"
+        assert running.supervisor.proc is None
+        missing = await client.post("/swapd/load", json={})
+        assert missing.status_code == 400
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/responses", "/v1/rerank"])
+async def test_any_v1_post_with_a_model_is_routed(tmp_path: Path, path: str) -> None:
+    async with swapd(tmp_path) as (_running, client):
+        response = await client.post(path, json={"model": "b", "input": "x"})
+        assert response.status_code == 200
+        assert response.headers.get("x-fake-pid")
