@@ -73,16 +73,17 @@ def create_app(frontend: Frontend) -> Any:
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
     proxy = InferenceProxy(frontend.config, frontend.supervisor)
+    quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await app(scope, receive, send)
+            await quart(scope, receive, send)
             return
         send = _shield_last_send(send)
         if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
             await proxy(scope, receive, send)
         else:
-            await app(scope, receive, send)
+            await quart(scope, receive, send)
 
     asgi.quart = app  # type: ignore[attr-defined]
     return asgi
@@ -255,7 +256,7 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
                     live = await proc.client.get("/props")
                 return Response(live.content, status=live.status_code,
                                 mimetype="application/json")
-            except (trio.TooSlowError, OSError, Exception):  # noqa: BLE001 - fall back
+            except (trio.TooSlowError, OSError, Exception):
                 pass
         return _json({
             "default_generation_settings": {"n_ctx": entry.context_length, "params": {}},
@@ -369,7 +370,7 @@ def _sse(body: AsyncIterator[bytes]) -> Response:
     response = Response(body, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
-    response.timeout = None  # type: ignore[assignment]
+    response.timeout = None
     return response
 
 

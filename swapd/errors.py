@@ -61,7 +61,8 @@ class StartTimeout(StartError):
 class ModelCrashed(SwapdError):
     """The child exited while it was serving requests."""
 
-    def __init__(self, profile: str, exit_code: int | None, stderr_tail: Sequence[str] = ()) -> None:
+    def __init__(self, profile: str, exit_code: int | None,
+                 stderr_tail: Sequence[str] = ()) -> None:
         self.profile = profile
         self.exit_code = exit_code
         self.stderr_tail = list(stderr_tail)

@@ -15,8 +15,10 @@ deadline and ``LlamaProcess.stop`` never returns with the process group alive.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -200,14 +202,15 @@ class LlamaProcess:
         try:
             pidfd = os.pidfd_open(self.pid)
         except OSError:  # kernel without pidfd: poll, rarely
-            while (status := os.waitpid(self.pid, os.WNOHANG))[0] == 0:
+            # No event to wait on without a pidfd, and WNOHANG never blocks.
+            while (status := os.waitpid(self.pid, os.WNOHANG))[0] == 0:  # noqa: ASYNC110, ASYNC222
                 await trio.sleep(0.05)
         else:
             try:
                 await trio.lowlevel.wait_readable(pidfd)
             finally:
                 os.close(pidfd)
-            status = os.waitpid(self.pid, 0)
+            status = os.waitpid(self.pid, 0)  # noqa: ASYNC222 - exited: returns at once
         self.exit_code = os.waitstatus_to_exitcode(status[1])
         self._popen.returncode = self.exit_code  # so Popen's __del__ does not wait again
         log.info("%s (pid %d) exited with code %s", self.name, self.pid, self.exit_code)
@@ -216,10 +219,10 @@ class LlamaProcess:
 
     # -- readiness --
 
-    async def wait_ready(self, timeout: float, interval: float) -> None:
+    async def wait_ready(self, start_timeout: float, interval: float) -> None:
         """Return once ``/health`` answers 200; raise ``StartFailed``/``StartTimeout``."""
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(start_timeout):
                 while True:
                     if self.exited.is_set():
                         await self._drain_output()
@@ -236,7 +239,7 @@ class LlamaProcess:
                         self._wake = trio.Event()
         except trio.TooSlowError:
             raise StartTimeout(
-                self.name, f"not healthy within {timeout:g}s (timeouts.start)",
+                self.name, f"not healthy within {start_timeout:g}s (timeouts.start)",
                 stderr_tail=list(self.tail)[-15:]) from None
 
     async def _healthy(self) -> bool:
@@ -284,10 +287,8 @@ class LlamaProcess:
         self._signal_group(signal.SIGKILL)
 
     def _signal_group(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def launch(config: Config, profile: Profile, log_sink: ChildLog | None) -> LlamaProcess:
@@ -315,7 +316,7 @@ def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
         popen = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
-            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),  # type: ignore[misc]
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
     except OSError as error:
         raise StartFailed(

@@ -111,6 +111,7 @@ def run(config_path: str | os.PathLike[str]) -> int:
     logging.basicConfig(
         level=os.environ.get("SWAPD_LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request
     try:
         config = load_config(config_path)
     except ConfigError as error:

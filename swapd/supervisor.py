@@ -19,6 +19,7 @@ Scheduling, in one function (``_schedule``):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -648,11 +649,9 @@ class Supervisor:
 
     async def _post_shielded(self, message: Message) -> None:
         """Send from cleanup paths: shielded so it happens, bounded so it cannot hang."""
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await self._send.send(message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        with (trio.CancelScope(shield=True), trio.move_on_after(5),
+              contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)):
+            await self._send.send(message)
 
     async def _stop_now(self) -> None:
         """Last resort when ``run`` ends: the child never outlives the supervisor."""

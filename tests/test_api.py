@@ -108,7 +108,7 @@ async def test_streaming_request_sees_progress_then_the_answer(tmp_path: Path) -
             first = await chunks.__anext__()
             assert first.startswith(b": swapd loading b")
             rest = first + b"".join([c async for c in chunks])
-        comments, data = sse_events(rest.decode())
+        _comments, data = sse_events(rest.decode())
         assert data[-1] == "[DONE]"
         chunks = data[:-1]
         for chunk in chunks:  # every data line is a complete chunk with choices
@@ -221,16 +221,16 @@ async def test_request_errors_are_openai_shaped(tmp_path: Path) -> None:
 
 async def test_queue_full_gives_429_with_retry_after(tmp_path: Path) -> None:
     async with swapd(tmp_path, queue={"max_waiting": 1},
-                     a_flags={"fake-never-healthy": True}) as (_running, client):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("a")))
-            with trio.fail_after(10):
-                while _running.supervisor.n_waiting < 1:
-                    await trio.sleep(0.01)
-            full = await client.post("/v1/chat/completions", json=chat("b"))
-            assert full.status_code == 429
-            assert int(full.headers["retry-after"]) >= 1
-            nursery.cancel_scope.cancel()
+                     a_flags={"fake-never-healthy": True}) as (_running, client), \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("a")))
+        with trio.fail_after(10):
+            while _running.supervisor.n_waiting < 1:
+                await trio.sleep(0.01)
+        full = await client.post("/v1/chat/completions", json=chat("b"))
+        assert full.status_code == 429
+        assert int(full.headers["retry-after"]) >= 1
+        nursery.cancel_scope.cancel()
 
 
 async def test_queue_wait_gives_504_naming_the_model(tmp_path: Path) -> None:

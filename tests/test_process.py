@@ -28,12 +28,12 @@ def fake_argv(port: int, *extra: str) -> list[str]:
             "--port", str(port), "--alias", "m", *extra]
 
 
-async def start(*extra: str, nursery: trio.Nursery, timeout: float = 10,
+async def start(*extra: str, nursery: trio.Nursery, start_timeout: float = 10,
                 log: process.ChildLog | None = None) -> process.LlamaProcess:
     port = process.free_port(HOST)
     proc = process.spawn("m", fake_argv(port, *extra), host=HOST, port=port, log_sink=log)
     nursery.start_soon(proc.watch)
-    await proc.wait_ready(timeout, 0.02)
+    await proc.wait_ready(start_timeout, 0.02)
     return proc
 
 
@@ -108,8 +108,8 @@ async def test_stop_kills_grandchildren_in_the_group() -> None:
 
 
 async def test_missing_command_is_a_clear_start_failure() -> None:
-    with pytest.raises(StartFailed, match="cannot run '/nonexistent/llama-server'.*"
-                                          "llama_server.command"):
+    with pytest.raises(StartFailed, match=r"cannot run '/nonexistent/llama-server'.*"
+                                          r"llama_server\.command"):
         process.spawn("m", ["/nonexistent/llama-server"], host=HOST, port=1)
 
 

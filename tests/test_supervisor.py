@@ -55,7 +55,7 @@ class FakeProc:
     async def watch(self) -> None:
         await self.exited.wait()
 
-    async def wait_ready(self, timeout: float, interval: float) -> None:
+    async def wait_ready(self, start_timeout: float, interval: float) -> None:
         await trio.sleep(self._load_time)
         if self._fail_code is not None:
             self.exit(self._fail_code)

@@ -1,0 +1,44 @@
+"""Developer tasks. ``nox`` alone runs the test suite (what CI runs).
+
+* ``nox -s tests``     the suite, including the real llama-server (built once per machine)
+* ``nox -s lint``      ruff
+* ``nox -s typecheck`` mypy --strict
+* ``nox -s demo``      swapd on tiny generated models, no GPU needed
+* ``nox -s bench``     swapd versus talking to llama-server directly
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_external_run = True
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    # Separate step so a first-time build (~8 minutes) shows its own progress.
+    session.run("python", "tests/support/llama_build.py")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "swapd", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[test]", "mypy", "types-PyYAML")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.support.demo")

@@ -1,0 +1,90 @@
+"""swapd end to end with the real llama-server on tiny generated models.
+
+Two GGUFs and three profiles (two on the same file with different contexts), swapped
+A -> B -> A by real clients, streamed, with progress on the waiting stream.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import trio
+
+from swapd.config import parse_config
+from swapd.progress import PREFIX
+from swapd.serve import open_server
+
+pytestmark = pytest.mark.real_llama
+
+
+def real_config(tmp_path: Path, models: Path, binary: Path) -> str:
+    return json.dumps({
+        "listen": "127.0.0.1:0",
+        "state_dir": str(tmp_path / "state"),
+        "llama_server": {"command": str(binary)},
+        "timeouts": {"start": "60s", "stop": "10s"},
+        "profiles": {
+            "tiny-a": {"model": str(models / "a.gguf"), "aliases": ["a"],
+                       "flags": {"ctx-size": 2048, "threads": 1, "jinja": True}},
+            "tiny-a-long": {"model": str(models / "a.gguf"),
+                            "flags": {"ctx-size": 4096, "threads": 1}},
+            "tiny-b": {"model": str(models / "b.gguf"), "flags": {"ctx-size": 1024,
+                                                                  "threads": 1}},
+        },
+    })
+
+
+async def test_streamed_chat_through_swaps_with_the_real_server(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path) -> None:
+    config = parse_config(real_config(tmp_path, tiny_models, llama_server_bin))
+    async with open_server(config) as running:
+        sdk = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+
+        def stream(model: str) -> tuple[str, str, int]:
+            reasoning, content, chunks = "", "", 0
+            for chunk in sdk.chat.completions.create(
+                    model=model, max_tokens=8, stream=True,
+                    messages=[{"role": "user", "content": "hello"}]):
+                chunks += 1
+                if chunk.choices:
+                    delta = chunk.choices[0].delta
+                    reasoning += getattr(delta, "reasoning_content", None) or ""
+                    content += delta.content or ""
+            return reasoning, content, chunks
+
+        pids = []
+        for model in ("a", "tiny-b", "tiny-a"):
+            reasoning, _content, chunks = await trio.to_thread.run_sync(stream, model)
+            assert reasoning.startswith(PREFIX)  # it had to wait for a load
+            assert chunks > 1
+            status = running.supervisor.status()
+            assert status["state"] == "ready"
+            pids.append(status["pid"])
+        assert len(set(pids)) == 3  # a real stop and start at every swap
+        assert running.supervisor.stats["swaps"] == 2
+
+        # While tiny-a runs, the probes describe both contexts without loading anything.
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+            assert models["tiny-a"]["context_length"] == 2048
+            assert models["tiny-a-long"]["context_length"] == 4096
+            assert models["tiny-b"]["context_length"] == 1024
+            live = (await client.get("/props")).json()
+            assert live["default_generation_settings"]["n_ctx"] == 2048
+            shown = (await client.post("/api/show", json={"model": "tiny-b"})).json()
+            assert shown["parameters"] == "num_ctx 1024"
+            assert shown["model_info"]["llama.context_length"] == 1024
+        assert running.supervisor.status()["pid"] == pids[-1]
+
+        # A non-streaming request for the other profile on the same GGUF: a swap too.
+        completion = await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
+            model="tiny-a-long", max_tokens=4,
+            messages=[{"role": "user", "content": "hello"}]))
+        assert completion.choices[0].message.content is not None
+        assert completion.model  # llama-server answered
+        assert running.supervisor.active.name == "tiny-a-long"  # type: ignore[union-attr]
+        assert set(running.supervisor.load_seconds) == {"tiny-a", "tiny-b", "tiny-a-long"}
