@@ -24,6 +24,7 @@ from . import __version__
 from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile
 from .errors import LeaseError
+from .fallback import FallbackChain
 from .process import ChildLog
 from .proxy import InferenceProxy, Message, Receive, Scope, Send, error_body
 from .supervisor import Supervisor
@@ -41,6 +42,7 @@ class Frontend:
     supervisor: Supervisor
     catalog: dict[str, ModelEntry]
     child_log: ChildLog | None = None
+    fallbacks: FallbackChain = attrs.field(factory=lambda: FallbackChain(()))
     started: float = attrs.field(factory=time.time)
 
     @property
@@ -72,7 +74,7 @@ def create_app(frontend: Frontend) -> Any:
                       MAX_CONTENT_LENGTH=frontend.config.security.max_body)
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
-    proxy = InferenceProxy(frontend.config, frontend.supervisor)
+    proxy = InferenceProxy(frontend.config, frontend.supervisor, frontend.fallbacks)
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
@@ -293,6 +295,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
         return _json({
             "version": __version__,
             **sup.status(),
+            "fallbacks": fe.fallbacks.status(),
             "profiles": {name: {"status": fe.status_of(name),
                                 "context_length": e.context_length,
                                 "aliases": list(e.profile.aliases)}
@@ -374,6 +377,7 @@ def _sse(body: AsyncIterator[bytes]) -> Response:
     return response
 
 
-def frontend_for(config: Config, supervisor: Supervisor,
-                 child_log: ChildLog | None = None) -> Frontend:
-    return Frontend(supervisor, build_catalog(config), child_log)
+def frontend_for(config: Config, supervisor: Supervisor, child_log: ChildLog | None = None,
+                 fallbacks: FallbackChain | None = None) -> Frontend:
+    return Frontend(supervisor, build_catalog(config), child_log,
+                    fallbacks or FallbackChain(config.fallbacks))

@@ -12,6 +12,8 @@
     │   ├── QueueFull          429: ``queue.max_waiting`` requests already wait
     │   ├── QueueTimeout       504: the model was not ready within ``timeouts.queue_wait``
     │   └── Unavailable        503: nothing can serve it (says what was tried)
+    │       ├── LocalFailed    the local start failed: the fallback chain may serve it
+    │       └── CircuitOpen    local starts of the profile are paused: fallbacks may serve it
     └── ShuttingDown           503: swapd is stopping
 
 Messages name the object and, where there is one, the fix. Each ``LeaseError`` knows the
@@ -125,6 +127,29 @@ class QueueTimeout(LeaseError):
 
 class Unavailable(LeaseError):
     """503: the model cannot be served; the message says what was tried and why."""
+
+
+class LocalFailed(Unavailable):
+    """The profile's llama-server failed to start; its error is the cause."""
+
+    def __init__(self, error: StartError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+class CircuitOpen(Unavailable):
+    """Too many consecutive failures of a profile: no local start until the cooldown ends."""
+
+    code = "circuit_open"
+
+    def __init__(self, profile: str, failures: int, retry_in: float,
+                 last_error: str | None) -> None:
+        self.profile = profile
+        self.retry_after = max(1.0, retry_in)
+        why = f"; last error: {last_error}" if last_error else ""
+        super().__init__(
+            f"profile {profile!r} failed {failures} times in a row (restart.max_failures); "
+            f"local starts are paused for {retry_in:.0f}s more{why}")
 
 
 class ShuttingDown(LeaseError):

@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
+import attrs
 import httpx
 import trio
 
 from . import progress
-from .config import Config, Profile
-from .errors import LeaseError, Unavailable, UnknownModel
+from .config import Config, Fallback, Profile
+from .errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel
+from .fallback import RETRY_NEXT, FallbackChain, describe
 from .supervisor import Lease, Supervisor
 
 log = logging.getLogger(__name__)
@@ -82,9 +84,11 @@ async def send_lease_error(send: Send, error: LeaseError) -> None:
 class InferenceProxy:
     """ASGI handler for inference POSTs; one instance serves every request."""
 
-    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+    def __init__(self, config: Config, supervisor: Supervisor,
+                 fallbacks: FallbackChain | None = None) -> None:
         self.config = config
         self.supervisor = supervisor
+        self.fallbacks = fallbacks or FallbackChain(())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -100,25 +104,18 @@ class InferenceProxy:
             body = json.dumps(payload).encode()
         name = payload.get("model")
         resolved = self.config.resolve(name) if name is not None else None
-        if name is not None and not isinstance(resolved, Profile):
-            if resolved is None:
-                await send_lease_error(send, UnknownModel(name, self.config.model_names()))
-            else:  # a fallback upstream's name; the fallback chain is not wired in yet
-                await send_lease_error(send, Unavailable(
-                    f"model {name!r} is a fallback upstream, which this build cannot reach"))
+        if name is not None and resolved is None:
+            await send_lease_error(send, UnknownModel(name, self.config.model_names()))
             return
-        profile_name = resolved.name if isinstance(resolved, Profile) else None
-        stream = payload.get("stream") is True
-        path = scope["path"]
+        exchange = _Exchange(scope, send, body, payload, stream=payload.get("stream") is True)
         async with trio.open_nursery() as nursery:
             # Whoever finishes first cancels the other: the exchange or the client leaving.
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            if (stream and path.endswith("/chat/completions")
-                    and not self.supervisor.serving(profile_name)):
-                await self._exchange_with_progress(scope, send, body, profile_name,
-                                                   name or "")
+            if isinstance(resolved, Fallback):
+                await self._remote(exchange, [resolved], reason=None)
             else:
-                await self._exchange(scope, send, body, profile_name, stream)
+                profile = resolved.name if isinstance(resolved, Profile) else None
+                await self._local(exchange, profile, name or "")
             nursery.cancel_scope.cancel()
 
     async def _read_body(self, receive: Receive) -> bytes | None:
@@ -138,106 +135,170 @@ class InferenceProxy:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _exchange(self, scope: Scope, send: Send, body: bytes,
-                        profile: str | None, stream: bool) -> None:
-        try:
-            lease = await self.supervisor.acquire(profile)
-        except LeaseError as error:
-            await send_lease_error(send, error)
+    async def _local(self, ex: _Exchange, profile: str | None, model: str) -> None:
+        """Serve from the local model, with progress if a streaming chat must wait."""
+        if (ex.stream and ex.scope["path"].endswith("/chat/completions")
+                and not self.supervisor.serving(profile)):
+            await ex.start(200, SSE_HEADERS)
+            lease = await self._acquire_with_progress(ex, profile, model)
+        else:
+            try:
+                lease = await self.supervisor.acquire(profile)
+            except LeaseError as error:
+                lease = error
+        if isinstance(lease, LeaseError):
+            if isinstance(lease, LocalFailed | CircuitOpen) and self.fallbacks:
+                await self._remote(ex, self.fallbacks.fallbacks, reason=str(lease))
+            else:
+                await ex.fail(lease.status, str(lease), lease.type, lease.code,
+                              retry_after=lease.retry_after)
             return
         try:
-            await self._pipe(scope, send, body, lease, stream, headers_sent=False)
+            request = lease.proc.client.build_request(
+                ex.scope["method"], _target(ex.scope), content=ex.body,
+                headers=[(k, v) for k, v in ex.scope["headers"]
+                         if k.lower() not in _DROP_REQUEST])
+            failure: str | None = None
+            with lease.scope:
+                try:
+                    response = await lease.proc.client.send(request, stream=True)
+                except httpx.HTTPError as error:
+                    failure = f"model {lease.profile.name!r} did not answer: {error!r}"
+                else:
+                    failure = await ex.relay(response, lease.profile.name)
+            if lease.scope.cancelled_caught:
+                failure = lease.revoked_because or f"model {lease.profile.name!r} went away"
+            if failure is not None:
+                await ex.fail(502, failure, "server_error", "model_failed")
         finally:
             await self.supervisor.release(lease)
 
-    async def _exchange_with_progress(self, scope: Scope, send: Send, body: bytes,
-                                      profile: str | None, model: str) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    async def _acquire_with_progress(self, ex: _Exchange, profile: str | None,
+                                     model: str) -> Lease | LeaseError:
         chunks = progress.ProgressStream(model)
         result: list[Lease | LeaseError] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._send_progress, send, chunks, profile or model)
+            nursery.start_soon(self._send_progress, ex, chunks, profile or model)
             try:
                 result.append(await self.supervisor.acquire(profile))
             except LeaseError as error:
                 result.append(error)
             nursery.cancel_scope.cancel()
-        (outcome,) = result
-        if isinstance(outcome, LeaseError):
-            await send({"type": "http.response.body", "more_body": False, "body":
-                        progress.error_event(str(outcome), outcome.type, outcome.code)})
-            return
-        try:
-            await self._pipe(scope, send, body, outcome, stream=True, headers_sent=True)
-        finally:
-            await self.supervisor.release(outcome)
+        if isinstance(result[0], LocalFailed | CircuitOpen) and self.fallbacks:
+            line = chunks.reasoning(f"{model} can't start here; trying the fallbacks")
+            if line is not None and self.config.progress.reasoning:
+                await ex.body_part(line)
+        return result[0]
 
-    async def _send_progress(self, send: Send, chunks: progress.ProgressStream,
+    async def _send_progress(self, ex: _Exchange, chunks: progress.ProgressStream,
                              profile: str) -> None:
         keepalive = self.config.progress.keepalive
         reasoning = self.config.progress.reasoning
-        await send({"type": "http.response.body", "more_body": True,
-                    "body": progress.comment(f"swapd loading {profile}")})
+        await ex.body_part(progress.comment(f"swapd loading {profile}"))
         while True:
             if reasoning:
-                line = progress.describe(self.supervisor.status(), profile)
-                chunk = chunks.reasoning(line)
+                chunk = chunks.reasoning(progress.describe(self.supervisor.status(), profile))
                 if chunk is not None:
-                    await send({"type": "http.response.body", "body": chunk,
-                                "more_body": True})
+                    await ex.body_part(chunk)
             with trio.move_on_after(min(keepalive, 1.0) if reasoning else keepalive) as timer:
                 await self.supervisor.wait_changed()
             if timer.cancelled_caught:
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": progress.comment(f"swapd loading {profile}")})
+                await ex.body_part(progress.comment(f"swapd loading {profile}"))
 
-    async def _pipe(self, scope: Scope, send: Send, body: bytes, lease: Lease,
-                    stream: bool, headers_sent: bool) -> None:
-        """Send the request to the child and its answer to the client, as it comes."""
-        client = lease.proc.client
-        target = scope["path"] + ("?" + scope["query_string"].decode()
-                                  if scope.get("query_string") else "")
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _DROP_REQUEST]
-        request = client.build_request(scope["method"], target, content=body, headers=headers)
-        failure: str | None = None
-        with lease.scope:
+    async def _remote(self, ex: _Exchange, fallbacks: Sequence[Fallback],
+                      reason: str | None) -> None:
+        """Serve from the first fallback that works; 503 naming each one tried if none."""
+        tried: list[str] = []
+        for fallback in fallbacks:
+            problem = await self.fallbacks.problem(fallback)
+            if problem is not None:
+                tried.append(f"{fallback.name}: {problem}")
+                continue
             try:
-                response = await client.send(request, stream=True)
+                response = await self.fallbacks.open_response(fallback, ex.scope["path"],
+                                                              ex.payload)
             except httpx.HTTPError as error:
-                failure = f"model {lease.profile.name!r} did not answer: {error!r}"
-            else:
-                try:
-                    if not headers_sent:
-                        await send({"type": "http.response.start",
-                                    "status": response.status_code,
-                                    "headers": [(k, v) for k, v in response.headers.raw
-                                                if k.lower() not in _DROP_RESPONSE]})
-                        headers_sent = True
-                    elif response.status_code != 200:
-                        text = (await response.aread()).decode(errors="replace")
-                        failure = f"model {lease.profile.name!r} answered " \
-                                  f"{response.status_code}: {text[:500]}"
-                    if failure is None:
-                        async for chunk in response.aiter_raw():
-                            await send({"type": "http.response.body", "body": chunk,
-                                        "more_body": True})
-                except httpx.HTTPError as error:
-                    failure = f"model {lease.profile.name!r} stopped answering: {error!r}"
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        await response.aclose()
-        if lease.scope.cancelled_caught:
-            failure = lease.revoked_because or f"model {lease.profile.name!r} went away"
+                problem = f"{type(error).__name__}: {error}"
+                self.fallbacks.mark_down(fallback, problem)
+                tried.append(f"{fallback.name}: {problem}")
+                continue
+            if response.status_code >= 500 or response.status_code in RETRY_NEXT:
+                text = (await response.aread())[:300].decode(errors="replace")
+                await response.aclose()
+                tried.append(f"{fallback.name}: answered {response.status_code} {text}")
+                continue
+            log.info("serving %r from fallback %s%s", ex.payload.get("model"), fallback.name,
+                     f" ({reason.splitlines()[0]})" if reason else "")
+            self.fallbacks.used[fallback.name] = self.fallbacks.used.get(fallback.name, 0) + 1
+            failure = await ex.relay(response, f"fallback {fallback.name}")
+            if failure is not None:
+                await ex.fail(502, failure, "server_error", "upstream_failed")
+            return
+        local = f"{reason}; " if reason else ""
+        await ex.fail(503, f"{local}fallbacks tried: {describe(tried)}", "server_error",
+                      "unavailable")
+
+
+@attrs.define
+class _Exchange:
+    """One client request and what has been sent back for it so far."""
+
+    scope: Scope
+    send: Send
+    body: bytes
+    payload: dict[str, Any]
+    stream: bool
+    headers_sent: bool = False
+
+    async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": list(headers)})
+        self.headers_sent = True
+
+    async def body_part(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def relay(self, response: httpx.Response, label: str) -> str | None:
+        """Pipe an upstream's answer as it comes; return what went wrong, if anything."""
+        failure: str | None = None
+        try:
+            if not self.headers_sent:
+                await self.start(response.status_code,
+                                 [(k, v) for k, v in response.headers.raw
+                                  if k.lower() not in _DROP_RESPONSE])
+            elif response.status_code != 200:  # our 200 is out: say it in-band
+                text = (await response.aread()).decode(errors="replace")
+                return f"{label} answered {response.status_code}: {text[:500]}"
+            async for chunk in response.aiter_raw():
+                await self.body_part(chunk)
+        except httpx.HTTPError as error:
+            failure = f"{label} stopped answering: {error!r}"
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await response.aclose()
         if failure is None:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        elif not headers_sent:
-            await send_error(send, 502, failure, "server_error", "model_failed")
-        elif stream:
-            await send({"type": "http.response.body", "more_body": False,
-                        "body": progress.error_event(failure, "server_error", "model_failed")})
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        return failure
+
+    async def fail(self, status: int, message: str, type_: str, code: str,
+                   retry_after: float | None = None) -> None:
+        """End the exchange with an error, in whatever form is still possible."""
+        if not self.headers_sent:
+            headers = []
+            if retry_after is not None:
+                headers.append((b"retry-after", str(math.ceil(retry_after)).encode()))
+            await send_error(self.send, status, message, type_, code, headers)
+        elif self.stream:
+            await self.send({"type": "http.response.body", "more_body": False,
+                             "body": progress.error_event(message, type_, code)})
         else:  # a plain body was half sent: all we can do is end it
-            log.warning("%s", failure)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            log.warning("%s", message)
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _target(scope: Scope) -> str:
+    query = scope.get("query_string")
+    return str(scope["path"]) + ("?" + query.decode() if query else "")
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from . import process
 from .app import Frontend, create_app, frontend_for
 from .config import Config, load_config
 from .errors import ConfigError
+from .fallback import FallbackChain
 from .supervisor import Launcher, Supervisor
 
 log = logging.getLogger("swapd")
@@ -67,7 +68,9 @@ async def open_server(config: Config, *,
                                  max_bytes=config.logs.max_bytes,
                                  tail_lines=config.logs.tail_lines)
     supervisor = Supervisor(config, child_log=child_log, launcher=launcher)
-    frontend = await trio.to_thread.run_sync(frontend_for, config, supervisor, child_log)
+    fallbacks = FallbackChain(config.fallbacks)
+    frontend = await trio.to_thread.run_sync(frontend_for, config, supervisor, child_log,
+                                             fallbacks)
     app = create_app(frontend)
     shutdown = trio.Event()
     try:
@@ -85,6 +88,8 @@ async def open_server(config: Config, *,
                 shutdown.set()
                 await supervisor.shutdown()
     finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await fallbacks.aclose()
         child_log.close()
 
 

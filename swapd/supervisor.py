@@ -37,14 +37,15 @@ import trio
 from . import process
 from .config import Config, Profile
 from .errors import (
+    CircuitOpen,
     LeaseError,
+    LocalFailed,
     ModelCrashed,
     NoModelLoaded,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
     StartError,
-    Unavailable,
     UnknownModel,
 )
 
@@ -97,6 +98,25 @@ class Waiter:
     reply: trio.MemorySendChannel[Lease | LeaseError]
     answered: bool = False
     lease: Lease | None = None
+
+
+@attrs.define
+class ProfileHealth:
+    """Consecutive failures of one profile, its restart backoff and its circuit.
+
+    Per profile, not global: a profile with a bad flag or a context too big for the GPU
+    must not stop the healthy ones from loading.
+    """
+
+    failures: int = 0
+    retry_at: float = -math.inf  # no start before this (backoff)
+    opened_at: float | None = None  # circuit open since
+    last_error: str | None = None
+
+    def circuit(self, now: float, cooldown: float) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "open" if now < self.opened_at + cooldown else "half_open"
 
 
 # -- messages on the supervisor's channel --
@@ -176,6 +196,7 @@ class Supervisor:
         self.events: deque[Event] = deque(maxlen=256)
         self.load_seconds: dict[str, float] = _read_load_times(config)
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
+        self.health: dict[str, ProfileHealth] = {}
         self._wall = clock
         self._seq = 0
         self._changed = trio.Event()
@@ -305,6 +326,7 @@ class Supervisor:
                 "stderr_tail": error.stderr_tail,
             },
             "load_seconds": dict(self.load_seconds),
+            "circuits": self.circuits(),
             **self.stats,
         }
 
@@ -365,6 +387,10 @@ class Supervisor:
         if self._can_grant(profile):
             self._grant(waiter)
             return
+        refusal = self._circuit_refusal(profile.name)
+        if refusal is not None:
+            self._answer(waiter, refusal)
+            return
         if self._n_waiting >= self.config.queue.max_waiting:
             self._answer(waiter, QueueFull(self.config.queue.max_waiting,
                                            retry_after=self._retry_after()))
@@ -409,8 +435,9 @@ class Supervisor:
             log.error("%s", error)
             self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
                           message=str(error).splitlines()[0])
+            self._record_failure(profile.name, str(error).splitlines()[0])
             # Everyone waiting for this profile hears why; others keep waiting.
-            failure = Unavailable(str(error))
+            failure = LocalFailed(error)
             for waiter in self._waiting.pop(profile.name, deque()):
                 self._n_waiting -= 1
                 self._answer(waiter, failure)
@@ -423,6 +450,9 @@ class Supervisor:
         self.proc = proc
         self._transition(State.READY)
         self._idle_since = trio.current_time()
+        health = self.health.pop(profile.name, None)
+        if health is not None and health.opened_at is not None:
+            self._publish("circuit_closed", profile=profile.name)
         self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
 
     def _on_exited(self, proc: process.LlamaProcess) -> None:
@@ -442,6 +472,7 @@ class Supervisor:
         self._draining_since = None
         self._transition(State.FAILED)
         self._publish("crashed", profile=proc.name, exit_code=proc.exit_code)
+        self._record_failure(proc.name, str(error))
 
     # ------------------------------------------------------------- scheduling
 
@@ -481,8 +512,14 @@ class Supervisor:
                 self._finish_unloads()
             if self._shutting_down:
                 return
+            for name in [n for n, q in self._waiting.items() if q]:
+                refusal = self._circuit_refusal(name)
+                if refusal is not None:  # opened while they waited
+                    for waiter in self._waiting.pop(name):
+                        self._n_waiting -= 1
+                        self._answer(waiter, refusal)
             oldest = self._oldest_waiter()
-            if oldest is not None:
+            if oldest is not None and trio.current_time() >= self._retry_at(oldest.profile):
                 self._begin_start(self.config.profiles[oldest.profile])
         elif self.state is State.STARTING and (self._shutting_down or self._unload_requested):
             self._cancel_start()
@@ -499,8 +536,12 @@ class Supervisor:
         return min(heads, key=lambda w: w.enqueued) if heads else None
 
     def _next_deadline(self) -> float:
-        """When the loop must wake without a message: starvation, drain, TTL."""
+        """When the loop must wake without a message: starvation, drain, TTL, backoff."""
         deadlines = [math.inf]
+        if self.state in (State.IDLE, State.FAILED):
+            oldest = self._oldest_waiter()
+            if oldest is not None:
+                deadlines.append(self._retry_at(oldest.profile))
         if self.state is State.READY and self.active is not None:
             if self._draining_since is None:
                 bound = self.config.queue.starvation_bound
@@ -534,6 +575,45 @@ class Supervisor:
             self._publish("ttl_expired", profile=self.active.name)
             self._draining_since = now
             self._begin_stop()
+
+    def _record_failure(self, name: str, why: str) -> None:
+        """Count a failed start or crash: back off, and open the circuit at the limit."""
+        restart = self.config.restart
+        health = self.health.setdefault(name, ProfileHealth())
+        health.failures += 1
+        health.last_error = why
+        now = trio.current_time()
+        delay = min(restart.backoff * 2 ** (health.failures - 1), restart.backoff_max)
+        health.retry_at = now + delay
+        if health.failures >= restart.max_failures:
+            health.opened_at = now
+            log.error("circuit open for %s after %d consecutive failures; next try in %gs",
+                      name, health.failures, restart.cooldown)
+            self._publish("circuit_open", profile=name, failures=health.failures,
+                          cooldown=restart.cooldown)
+
+    def _retry_at(self, name: str) -> float:
+        health = self.health.get(name)
+        return -math.inf if health is None or health.opened_at is not None else health.retry_at
+
+    def _circuit_refusal(self, name: str) -> CircuitOpen | None:
+        """The error for a request that must not start ``name`` now, or None."""
+        health = self.health.get(name)
+        if health is None or health.opened_at is None:
+            return None
+        cooldown = self.config.restart.cooldown
+        now = trio.current_time()
+        if health.circuit(now, cooldown) == "half_open":
+            return None  # one trial start; requests wait for its outcome
+        return CircuitOpen(name, health.failures, health.opened_at + cooldown - now,
+                           health.last_error)
+
+    def circuits(self) -> dict[str, dict[str, Any]]:
+        now = trio.current_time()
+        cooldown = self.config.restart.cooldown
+        return {name: {"state": h.circuit(now, cooldown), "failures": h.failures,
+                       "last_error": h.last_error}
+                for name, h in self.health.items()}
 
     def _ttl(self, profile: Profile) -> float:
         return profile.ttl if profile.ttl is not None else self.config.ttl

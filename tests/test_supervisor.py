@@ -18,6 +18,8 @@ import trio.testing
 
 from swapd.config import Config, Profile, parse_config
 from swapd.errors import (
+    CircuitOpen,
+    LocalFailed,
     ModelCrashed,
     NoModelLoaded,
     QueueFull,
@@ -388,3 +390,77 @@ def test_illegal_transition_raises(tmp_path: Path) -> None:
     sup = Supervisor(make_config(tmp_path))
     with pytest.raises(IllegalTransition, match="IDLE -> READY"):
         sup._transition(State.READY)
+
+
+async def test_restarts_back_off_after_each_failure(tmp_path: Path,
+                                                    autojump_clock: Any) -> None:
+    config = make_config(tmp_path, timeouts="queue_wait: 60s\n  stop: 1s")
+    launcher = FakeLauncher(load_time=0.1)
+    launcher.failing["a"] = 1
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        for _ in range(2):
+            with pytest.raises(Unavailable):
+                await sup.acquire("a")
+        starts = [p.started_at for p in launcher.launched]
+        # restart.backoff 1s: the second start waits ~1 s after the first failure
+        assert starts[1] - starts[0] == pytest.approx(0.1 + 1.0, abs=0.05)
+        with pytest.raises(Unavailable):
+            await sup.acquire("a")
+        await sup.shutdown()
+
+
+async def test_circuit_opens_after_max_failures_and_half_opens(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    config = parse_config(f"""
+state_dir: {tmp_path}
+restart: {{max_failures: 2, cooldown: 30s, backoff: 1s}}
+profiles:
+  a: {{model: a.gguf}}
+  b: {{model: b.gguf}}
+""", base_dir=tmp_path)
+    launcher = FakeLauncher(load_time=0.1)
+    launcher.failing["b"] = 134
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        await use(sup, "a")
+        for _ in range(2):
+            with pytest.raises(LocalFailed):
+                await sup.acquire("b")
+        opened = trio.current_time()
+        with pytest.raises(CircuitOpen, match="failed 2 times in a row") as caught:
+            await sup.acquire("b")  # at once: no start, no wait
+        assert trio.current_time() == opened
+        assert caught.value.status == 503 and caught.value.retry_after == pytest.approx(30)
+        assert sup.circuits()["b"]["state"] == "open"
+        assert len(launcher.launched) == 3  # a, and b twice
+        await use(sup, "a")  # other profiles are not affected
+        await trio.sleep(30)
+        assert sup.circuits()["b"]["state"] == "half_open"
+        del launcher.failing["b"]
+        await use(sup, "b")  # the half-open trial succeeds and closes the circuit
+        assert "b" not in sup.circuits()
+        assert [e.kind for e in sup.events if e.kind.startswith("circuit")] == [
+            "circuit_open", "circuit_closed"]
+        await sup.shutdown()
+
+
+async def test_failed_trial_reopens_the_circuit(tmp_path: Path, autojump_clock: Any) -> None:
+    config = parse_config(f"""
+state_dir: {tmp_path}
+restart: {{max_failures: 1, cooldown: 10s}}
+profiles: {{a: {{model: a.gguf}}}}
+""", base_dir=tmp_path)
+    launcher = FakeLauncher(load_time=0.1)
+    launcher.failing["a"] = 1
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        with pytest.raises(LocalFailed):
+            await sup.acquire("a")
+        await trio.sleep(10)
+        with pytest.raises(LocalFailed):  # the half-open trial, which fails again
+            await sup.acquire("a")
+        with pytest.raises(CircuitOpen):
+            await sup.acquire("a")
+        assert len(launcher.launched) == 2
+        await sup.shutdown()
