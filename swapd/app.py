@@ -25,6 +25,7 @@ from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile
 from .errors import LeaseError
 from .fallback import FallbackChain
+from .metrics import Metrics
 from .process import ChildLog
 from .proxy import InferenceProxy, Message, Receive, Scope, Send, error_body
 from .supervisor import Supervisor
@@ -43,6 +44,8 @@ class Frontend:
     catalog: dict[str, ModelEntry]
     child_log: ChildLog | None = None
     fallbacks: FallbackChain = attrs.field(factory=lambda: FallbackChain(()))
+    metrics: Metrics = attrs.field(
+        default=attrs.Factory(lambda self: Metrics(self.supervisor), takes_self=True))
     started: float = attrs.field(factory=time.time)
 
     @property
@@ -74,7 +77,8 @@ def create_app(frontend: Frontend) -> Any:
                       MAX_CONTENT_LENGTH=frontend.config.security.max_body)
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
-    proxy = InferenceProxy(frontend.config, frontend.supervisor, frontend.fallbacks)
+    proxy = InferenceProxy(frontend.config, frontend.supervisor, frontend.fallbacks,
+                           frontend.metrics)
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
@@ -315,6 +319,11 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
                               "pid": lease.proc.pid})
         except LeaseError as error:
             return _openai_error(error.status, str(error), error.type, error.code)
+
+    @app.route("/metrics")
+    async def metrics() -> Response:
+        return Response(fe.metrics.render(),
+                        mimetype="text/plain; version=0.0.4; charset=utf-8")
 
     @app.route("/swapd/unload", methods=["POST"])
     async def unload() -> Response:

@@ -27,6 +27,7 @@ from . import progress
 from .config import Config, Fallback, Profile
 from .errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel
 from .fallback import RETRY_NEXT, FallbackChain, describe
+from .metrics import Metrics
 from .supervisor import Lease, Supervisor
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ HOP_BY_HOP = frozenset({
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key",
                               b"accept-encoding"}
 _DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date"}
+
+KNOWN_ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+    "/v1/messages", "/v1/rerank", "/v1/reranking", "/v1/audio/transcriptions",
+})
+"""Routes counted under their own label; anything else is "/v1/(other)"."""
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -74,49 +81,59 @@ async def send_error(send: Send, status: int, message: str, type_: str, code: st
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_lease_error(send: Send, error: LeaseError) -> None:
-    headers = []
-    if error.retry_after is not None:
-        headers.append((b"retry-after", str(math.ceil(error.retry_after)).encode()))
-    await send_error(send, error.status, str(error), error.type, error.code, headers)
-
-
 class InferenceProxy:
     """ASGI handler for inference POSTs; one instance serves every request."""
 
     def __init__(self, config: Config, supervisor: Supervisor,
-                 fallbacks: FallbackChain | None = None) -> None:
+                 fallbacks: FallbackChain | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.supervisor = supervisor
         self.fallbacks = fallbacks or FallbackChain(())
+        self.metrics = metrics or Metrics(supervisor)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ex = _Exchange(scope, send)
+        try:
+            await self._handle(ex, receive)
+        finally:
+            self._count(ex)
+
+    async def _handle(self, ex: _Exchange, receive: Receive) -> None:
         try:
             body = await self._read_body(receive)
             if body is None:
                 return  # the client left before it finished sending
             payload = _parse(body)
         except RequestError as error:
-            await send_error(send, error.status, str(error), "invalid_request_error",
-                             error.code)
+            await ex.fail(error.status, str(error), "invalid_request_error", error.code)
             return
         if progress.may_carry_progress(body) and progress.strip_progress(payload):
             body = json.dumps(payload).encode()
+        ex.body, ex.payload, ex.stream = body, payload, payload.get("stream") is True
         name = payload.get("model")
         resolved = self.config.resolve(name) if name is not None else None
         if name is not None and resolved is None:
-            await send_lease_error(send, UnknownModel(name, self.config.model_names()))
+            unknown = UnknownModel(name, self.config.model_names())
+            await ex.fail(unknown.status, str(unknown), unknown.type, unknown.code)
             return
-        exchange = _Exchange(scope, send, body, payload, stream=payload.get("stream") is True)
         async with trio.open_nursery() as nursery:
             # Whoever finishes first cancels the other: the exchange or the client leaving.
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             if isinstance(resolved, Fallback):
-                await self._remote(exchange, [resolved], reason=None)
+                await self._remote(ex, [resolved], reason=None)
             else:
                 profile = resolved.name if isinstance(resolved, Profile) else None
-                await self._local(exchange, profile, name or "")
+                await self._local(ex, profile, name or "")
             nursery.cancel_scope.cancel()
+
+    def _count(self, ex: _Exchange) -> None:
+        name = ex.payload.get("model")
+        model = self.metrics.model_label(name if isinstance(name, str) else None)
+        path = str(ex.scope["path"])
+        route = path if path in KNOWN_ROUTES else "/v1/(other)"
+        self.metrics.requests.labels(model, route, str(ex.status or 499)).inc()
+        if ex.first_byte is not None:
+            self.metrics.first_byte.labels(model).observe(ex.first_byte - ex.started)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         limit = self.config.security.max_body
@@ -146,6 +163,8 @@ class InferenceProxy:
                 lease = await self.supervisor.acquire(profile)
             except LeaseError as error:
                 lease = error
+        self.metrics.queue_wait.labels(self.metrics.model_label(model)).observe(
+            trio.current_time() - ex.started)
         if isinstance(lease, LeaseError):
             if isinstance(lease, LocalFailed | CircuitOpen) and self.fallbacks:
                 await self._remote(ex, self.fallbacks.fallbacks, reason=str(lease))
@@ -213,6 +232,7 @@ class InferenceProxy:
             problem = await self.fallbacks.problem(fallback)
             if problem is not None:
                 tried.append(f"{fallback.name}: {problem}")
+                self.metrics.fallback.labels(fallback.name, "unavailable").inc()
                 continue
             try:
                 response = await self.fallbacks.open_response(fallback, ex.scope["path"],
@@ -226,10 +246,12 @@ class InferenceProxy:
                 text = (await response.aread())[:300].decode(errors="replace")
                 await response.aclose()
                 tried.append(f"{fallback.name}: answered {response.status_code} {text}")
+                self.metrics.fallback.labels(fallback.name, "refused").inc()
                 continue
             log.info("serving %r from fallback %s%s", ex.payload.get("model"), fallback.name,
                      f" ({reason.splitlines()[0]})" if reason else "")
             self.fallbacks.used[fallback.name] = self.fallbacks.used.get(fallback.name, 0) + 1
+            self.metrics.fallback.labels(fallback.name, "served").inc()
             failure = await ex.relay(response, f"fallback {fallback.name}")
             if failure is not None:
                 await ex.fail(502, failure, "server_error", "upstream_failed")
@@ -245,17 +267,23 @@ class _Exchange:
 
     scope: Scope
     send: Send
-    body: bytes
-    payload: dict[str, Any]
-    stream: bool
+    body: bytes = b""
+    payload: dict[str, Any] = attrs.field(factory=dict)
+    stream: bool = False
     headers_sent: bool = False
+    status: int = 0
+    started: float = attrs.field(factory=trio.current_time)
+    first_byte: float | None = None
 
     async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        self.status = status
         await self.send({"type": "http.response.start", "status": status,
                          "headers": list(headers)})
         self.headers_sent = True
 
     async def body_part(self, data: bytes) -> None:
+        if self.first_byte is None:
+            self.first_byte = trio.current_time()
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def relay(self, response: httpx.Response, label: str) -> str | None:
@@ -287,6 +315,7 @@ class _Exchange:
             headers = []
             if retry_after is not None:
                 headers.append((b"retry-after", str(math.ceil(retry_after)).encode()))
+            self.status = status
             await send_error(self.send, status, message, type_, code, headers)
         elif self.stream:
             await self.send({"type": "http.response.body", "more_body": False,

@@ -76,6 +76,7 @@ async def open_server(config: Config, *,
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
+            nursery.start_soon(frontend.metrics.follow_events)
             urls = await nursery.start(partial(
                 hypercorn_serve, app, hypercorn_config(config),
                 shutdown_trigger=shutdown.wait))

@@ -228,6 +228,7 @@ class Supervisor:
                 with trio.CancelScope(shield=True):
                     await self._stop_now()
                 nursery.cancel_scope.cancel()
+                self._publish("shutdown")  # the last event: followers can stop here
 
     @asynccontextmanager
     async def lease(self, name: str | None, *,

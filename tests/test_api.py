@@ -327,3 +327,24 @@ async def test_any_v1_post_with_a_model_is_routed(tmp_path: Path, path: str) -> 
         response = await client.post(path, json={"model": "b", "input": "x"})
         assert response.status_code == 200
         assert response.headers.get("x-fake-pid")
+
+
+async def test_metrics_count_requests_swaps_and_live_state(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (_running, client):
+        await client.post("/v1/chat/completions", json=chat("a"))
+        await client.post("/v1/chat/completions", json=chat("b"))
+        await client.post("/v1/chat/completions", json=chat("nope"))
+        await client.post("/v1/whatever", json={"model": "b"})
+        text = (await client.get("/metrics")).text
+    lines = set(text.splitlines())
+    assert 'swapd_requests_total{model="a",route="/v1/chat/completions",status="200"} 1.0' \
+        in lines
+    assert 'swapd_requests_total{model="(unknown)",route="/v1/chat/completions",' \
+        'status="404"} 1.0' in lines
+    assert 'swapd_requests_total{model="b",route="/v1/(other)",status="200"} 1.0' in lines
+    assert 'swapd_swaps_total{result="ok"} 1.0' in lines
+    assert 'swapd_state{state="ready"} 1.0' in lines
+    assert 'swapd_active_profile{profile="b"} 1.0' in lines
+    assert 'swapd_load_duration_seconds_count{profile="a"} 1.0' in lines
+    assert any(line.startswith('swapd_time_to_first_byte_seconds_count{model="b"}')
+               for line in lines)

@@ -1,0 +1,120 @@
+"""Prometheus metrics, in a registry of their own (no process-global state).
+
+Gauges that describe "now" (state, active profile, queue, circuits) are read from the
+supervisor at scrape time, so they can never drift. Counters and histograms of things
+that happened come from two places: the supervisor's published events (swaps, loads,
+failures), followed by ``follow_events``, and the proxy (requests, time to first byte,
+queue wait, fallback use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .supervisor import State, Supervisor
+
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+           120, 300)
+
+
+class Metrics:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("swapd_requests", "Inference requests by model, route and "
+                                "status", ["model", "route", "status"], registry=r)
+        self.first_byte = Histogram("swapd_time_to_first_byte_seconds", "From request to "
+                                    "the first byte of the answer", ["model"],
+                                    buckets=SECONDS, registry=r)
+        self.queue_wait = Histogram("swapd_queue_wait_seconds", "Time requests waited for "
+                                    "their model", ["model"], buckets=SECONDS, registry=r)
+        self.fallback = Counter("swapd_fallback_requests", "Requests served or refused by "
+                                "fallback upstreams", ["upstream", "result"], registry=r)
+        self.swaps = Counter("swapd_swaps", "Model swaps by result", ["result"], registry=r)
+        self.swap_seconds = Histogram("swapd_swap_duration_seconds", "From stopping one "
+                                      "model to the next being ready", buckets=SECONDS,
+                                      registry=r)
+        self.load_seconds = Histogram("swapd_load_duration_seconds", "From spawn to healthy",
+                                      ["profile"], buckets=SECONDS, registry=r)
+        self.failures = Counter("swapd_child_failures", "Failed starts and crashes",
+                                ["profile", "kind"], registry=r)
+        self.restarts = Counter("swapd_child_restarts", "Starts after a crash or a failed "
+                                "start of the same profile", ["profile"], registry=r)
+        r.register(_LiveState(supervisor))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def model_label(self, name: str | None) -> str:
+        """Bounded label values: configured names only (clients can send anything)."""
+        if not name:
+            return "(active)"
+        return name if self.supervisor.config.resolve(name) is not None else "(unknown)"
+
+    async def follow_events(self) -> None:
+        """Turn the supervisor's published events into counters; runs for swapd's life."""
+        sup = self.supervisor
+        seen = sup.events[-1].seq if sup.events else 0
+        stopping_since: float | None = None
+        failed: set[str] = set()
+        while True:
+            await sup.wait_changed()
+            for event in [e for e in sup.events if e.seq > seen]:
+                seen = event.seq
+                profile = str(event.data.get("profile"))
+                match event.kind:
+                    case "shutdown":
+                        return
+                    case "stopping":
+                        stopping_since = trio.current_time()
+                    case "starting" if profile in failed:
+                        self.restarts.labels(profile).inc()
+                    case "ready":
+                        failed.discard(profile)
+                        self.load_seconds.labels(profile).observe(event.data["load_seconds"])
+                        if stopping_since is not None:
+                            self.swaps.labels("ok").inc()
+                            self.swap_seconds.observe(trio.current_time() - stopping_since)
+                            stopping_since = None
+                    case "start_failed" | "crashed":
+                        failed.add(profile)
+                        self.failures.labels(profile, event.kind).inc()
+                        if stopping_since is not None and event.kind == "start_failed":
+                            self.swaps.labels("failed").inc()
+                            stopping_since = None
+
+
+class _LiveState(Collector):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        sup = self.supervisor
+        state = GaugeMetricFamily("swapd_state", "1 for the supervisor's current state",
+                                  labels=["state"])
+        for s in State:
+            state.add_metric([s.value], 1.0 if sup.state is s else 0.0)
+        yield state
+        active = GaugeMetricFamily("swapd_active_profile", "1 for the profile that is "
+                                   "loaded or loading", labels=["profile"])
+        for name in sup.config.profiles:
+            active.add_metric([name], 1.0 if sup.active and sup.active.name == name else 0.0)
+        yield active
+        waiting = GaugeMetricFamily("swapd_queue_depth", "Requests waiting for a model",
+                                    labels=["profile"])
+        for name, count in sup.waiting_by_profile().items():
+            waiting.add_metric([name], count)
+        yield waiting
+        yield GaugeMetricFamily("swapd_inflight_requests", "Requests holding the running "
+                                "model", value=sup.n_inflight)
+        circuit = GaugeMetricFamily("swapd_circuit_open", "1 while a profile's circuit is "
+                                    "open (0.5 half-open)", labels=["profile"])
+        for name, info in sup.circuits().items():
+            circuit.add_metric([name], {"open": 1.0, "half_open": 0.5}.get(info["state"], 0))
+        yield circuit
