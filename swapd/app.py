@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -21,14 +23,17 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from . import __version__
+from .auth import Keys, load_keys
 from .catalog import ModelEntry, build_catalog
-from .config import Config, Profile
-from .errors import LeaseError
+from .config import Config, Profile, load_config
+from .errors import ConfigError, LeaseError
 from .fallback import FallbackChain
 from .metrics import Metrics
 from .process import ChildLog
-from .proxy import InferenceProxy, Message, Receive, Scope, Send, error_body
+from .proxy import InferenceProxy, Message, Receive, Scope, Send, error_body, send_error
 from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
 
 OLLAMA_API_VERSION = "0.12.6"
 """The Ollama release whose API shapes the ``/api/*`` probes follow (clients check it)."""
@@ -46,7 +51,25 @@ class Frontend:
     fallbacks: FallbackChain = attrs.field(factory=lambda: FallbackChain(()))
     metrics: Metrics = attrs.field(
         default=attrs.Factory(lambda self: Metrics(self.supervisor), takes_self=True))
+    keys: Keys = attrs.field(factory=Keys)
+    config_path: Path | None = None
     started: float = attrs.field(factory=time.time)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply it by diff; the old one stays on error."""
+        if self.config_path is None:
+            raise ConfigError(["swapd was started without a config file; nothing to reload"])
+        config = await trio.to_thread.run_sync(load_config, self.config_path)
+        keys = load_keys(config.security)
+        catalog = await trio.to_thread.run_sync(build_catalog, config)
+        old = self.config
+        for key, what in (("listen", "the listen address"), ("state_dir", "state_dir")):
+            if getattr(old, key) != getattr(config, key):
+                log.warning("%s changed; restart swapd to apply it", what)
+        summary = await self.supervisor.reload(config)
+        self.catalog, self.keys = catalog, keys
+        self.fallbacks.replace(config.fallbacks)
+        return summary
 
     @property
     def config(self) -> Config:
@@ -77,8 +100,7 @@ def create_app(frontend: Frontend) -> Any:
                       MAX_CONTENT_LENGTH=frontend.config.security.max_body)
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
-    proxy = InferenceProxy(frontend.config, frontend.supervisor, frontend.fallbacks,
-                           frontend.metrics)
+    proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,6 +108,12 @@ def create_app(frontend: Frontend) -> Any:
             await quart(scope, receive, send)
             return
         send = _shield_last_send(send)
+        if not frontend.keys.allows(scope["path"], scope["headers"]):
+            await send_error(send, 401, "missing or invalid API key: send it as "
+                             "'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                             "invalid_request_error", "invalid_api_key",
+                             [(b"www-authenticate", b"Bearer")])
+            return
         if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
             await proxy(scope, receive, send)
         else:
@@ -325,6 +353,14 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
         return Response(fe.metrics.render(),
                         mimetype="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.route("/swapd/reload", methods=["POST"])
+    async def reload() -> Response:
+        try:
+            return _json({"status": "reloaded", **await fe.reload()})
+        except ConfigError as error:
+            log.error("reload rejected; the running config stays:\n%s", error)
+            return _openai_error(400, str(error), "invalid_request_error", "invalid_config")
+
     @app.route("/swapd/unload", methods=["POST"])
     async def unload() -> Response:
         await fe.supervisor.unload()
@@ -387,6 +423,9 @@ def _sse(body: AsyncIterator[bytes]) -> Response:
 
 
 def frontend_for(config: Config, supervisor: Supervisor, child_log: ChildLog | None = None,
-                 fallbacks: FallbackChain | None = None) -> Frontend:
+                 fallbacks: FallbackChain | None = None,
+                 config_path: Path | None = None) -> Frontend:
+    """Build the front end's state (reads GGUF headers and key files: call off-loop)."""
     return Frontend(supervisor, build_catalog(config), child_log,
-                    fallbacks or FallbackChain(config.fallbacks))
+                    fallbacks or FallbackChain(config.fallbacks), keys=load_keys(config.security),
+                    config_path=config_path)

@@ -58,6 +58,12 @@ class FallbackChain:
     def __bool__(self) -> bool:
         return bool(self.fallbacks)
 
+    def replace(self, fallbacks: Sequence[Fallback]) -> None:
+        """Adopt a reloaded list; health verdicts are kept for unchanged upstreams."""
+        kept = {fb.name for fb in fallbacks if fb in self.fallbacks}
+        self._health = {name: v for name, v in self._health.items() if name in kept}
+        self.fallbacks = tuple(fallbacks)
+
     async def aclose(self) -> None:
         await self.client.aclose()
 

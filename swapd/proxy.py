@@ -84,12 +84,15 @@ async def send_error(send: Send, status: int, message: str, type_: str, code: st
 class InferenceProxy:
     """ASGI handler for inference POSTs; one instance serves every request."""
 
-    def __init__(self, config: Config, supervisor: Supervisor,
-                 fallbacks: FallbackChain | None = None, metrics: Metrics | None = None) -> None:
-        self.config = config
+    def __init__(self, supervisor: Supervisor, fallbacks: FallbackChain | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.supervisor = supervisor
         self.fallbacks = fallbacks or FallbackChain(())
         self.metrics = metrics or Metrics(supervisor)
+
+    @property
+    def config(self) -> Config:
+        return self.supervisor.config  # the current one, across reloads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = _Exchange(scope, send)

@@ -61,8 +61,8 @@ def hypercorn_config(config: Config) -> HypercornConfig:
 
 
 @asynccontextmanager
-async def open_server(config: Config, *,
-                      launcher: Launcher = process.launch) -> AsyncIterator[Running]:
+async def open_server(config: Config, *, launcher: Launcher = process.launch,
+                      config_path: Path | None = None) -> AsyncIterator[Running]:
     """Run swapd inside the caller's trio run until the block exits, then shut it down."""
     child_log = process.ChildLog(config.state_dir / "llama-server.log",
                                  max_bytes=config.logs.max_bytes,
@@ -70,7 +70,7 @@ async def open_server(config: Config, *,
     supervisor = Supervisor(config, child_log=child_log, launcher=launcher)
     fallbacks = FallbackChain(config.fallbacks)
     frontend = await trio.to_thread.run_sync(frontend_for, config, supervisor, child_log,
-                                             fallbacks)
+                                             fallbacks, config_path)
     app = create_app(frontend)
     shutdown = trio.Event()
     try:
@@ -94,14 +94,18 @@ async def open_server(config: Config, *,
         child_log.close()
 
 
-async def _main(config: Config) -> None:
+async def _main(config: Config, config_path: Path) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with open_server(config) as running:
+        async with open_server(config, config_path=config_path) as running:
             log.info("swapd listening on %s with %d profile(s)", ", ".join(running.urls),
                      len(config.profiles))
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.warning("SIGHUP: config reload is not available in this build")
+                    try:
+                        await running.frontend.reload()
+                    except ConfigError as error:
+                        log.error("SIGHUP: reload rejected; the running config stays:\n%s",
+                                  error)
                     continue
                 if running.shutdown.is_set():  # second signal: no more waiting
                     log.warning("second %s: stopping now", signal.Signals(signum).name)
@@ -124,5 +128,5 @@ def run(config_path: str | os.PathLike[str]) -> int:
         print(error, file=sys.stderr)
         return 1
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-    trio.run(_main, config)
+    trio.run(_main, config, Path(config_path))
     return 0

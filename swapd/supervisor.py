@@ -148,6 +148,12 @@ class Shutdown:
 
 
 @attrs.frozen
+class Reload:
+    config: Config
+    reply: trio.MemorySendChannel[dict[str, Any]]
+
+
+@attrs.frozen
 class StartDone:
     profile: Profile
     proc: process.LlamaProcess | None
@@ -167,7 +173,8 @@ class Exited:
 Launcher = Callable[[Config, Profile, "process.ChildLog | None"], process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
-Message = Acquire | Release | Withdraw | Unload | Shutdown | StartDone | Stopped | Exited
+Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | StartDone | Stopped
+           | Exited)
 
 
 @attrs.frozen
@@ -279,6 +286,17 @@ class Supervisor:
             return
         await done.wait()
 
+    async def reload(self, config: Config) -> dict[str, Any]:
+        """Adopt a new, already validated config; returns what changed.
+
+        The running model keeps serving if its profile and the llama_server settings
+        are unchanged. A changed one keeps serving until the next swap; a removed one is
+        unloaded once idle. Requests waiting for a removed profile get 404.
+        """
+        reply_send, reply_receive = trio.open_memory_channel[dict[str, Any]](1)
+        await self._send.send(Reload(config, reply_send))
+        return await reply_receive.receive()
+
     async def shutdown(self) -> None:
         """Ask ``run`` to drain, stop the child and return."""
         await self._post_shielded(Shutdown())
@@ -358,6 +376,8 @@ class Supervisor:
             case Shutdown():
                 self._shutting_down = True
                 self._fail_all_waiters(ShuttingDown())
+            case Reload(config, reply):
+                reply.send_nowait(self._on_reload(config))
             case StartDone(profile, proc, error):
                 self._on_start_done(profile, proc, error)
             case Stopped(proc):
@@ -455,6 +475,33 @@ class Supervisor:
         if health is not None and health.opened_at is not None:
             self._publish("circuit_closed", profile=profile.name)
         self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
+
+    def _on_reload(self, new: Config) -> dict[str, Any]:
+        old = self.config
+        same_server = old.llama_server == new.llama_server
+        added = [n for n in new.profiles if n not in old.profiles]
+        removed = [n for n in old.profiles if n not in new.profiles]
+        changed = [n for n in new.profiles if n in old.profiles
+                   and (old.profiles[n] != new.profiles[n] or not same_server)]
+        self.config = new
+        for name in removed + changed:
+            self.health.pop(name, None)  # a fixed profile deserves a fresh start
+            self.load_seconds.pop(name, None)
+        for name in removed:
+            for waiter in self._waiting.pop(name, deque()):
+                self._n_waiting -= 1
+                self._answer(waiter, UnknownModel(name, list(new.profiles)))
+        active = self.active.name if self.active else None
+        if active is not None and active not in changed and active not in removed:
+            self.active = new.profiles[active]  # same definition: keeps serving as is
+        elif active in removed and self.state is State.READY:
+            self._unload_requested = True  # unloaded once its requests are done
+        summary = {"added": added, "removed": removed, "changed": changed,
+                   "active": active, "active_kept": active is not None
+                   and active not in changed and active not in removed}
+        log.info("config reloaded: %s", summary)
+        self._publish("reloaded", **summary)
+        return summary
 
     def _on_exited(self, proc: process.LlamaProcess) -> None:
         if proc is not self.proc or self.state is not State.READY:

@@ -348,3 +348,32 @@ async def test_metrics_count_requests_swaps_and_live_state(tmp_path: Path) -> No
     assert 'swapd_load_duration_seconds_count{profile="a"} 1.0' in lines
     assert any(line.startswith('swapd_time_to_first_byte_seconds_count{model="b"}')
                for line in lines)
+
+
+async def test_reload_by_diff_keeps_the_running_model(tmp_path: Path) -> None:
+    path = tmp_path / "swapd.yaml"
+    path.write_text(config_text(tmp_path))
+    config = parse_config(path.read_text(), base_dir=tmp_path)
+    async with open_server(config, config_path=path) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=30) as client:
+        await client.post("/swapd/load", json={"model": "a"})
+        pid = running.supervisor.proc.pid  # type: ignore[union-attr]
+        text = json.loads(path.read_text())
+        text["profiles"]["c"] = {"model": "c.gguf", "flags": {"ctx-size": 2048}}
+        text["profiles"]["b"]["flags"]["ctx-size"] = 1024
+        path.write_text(json.dumps(text))
+        result = await client.post("/swapd/reload")
+        assert result.status_code == 200
+        assert result.json()["active_kept"] is True and result.json()["added"] == ["c"]
+        assert running.supervisor.proc.pid == pid  # type: ignore[union-attr]
+        models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+        assert models["c"]["context_length"] == 2048 and models["b"]["context_length"] == 1024
+        answer = await client.post("/v1/chat/completions", json=chat("a"))
+        assert answer.json()["choices"][0]["message"]["content"].startswith("fake:a:")
+
+        path.write_text("profiles:\n  a: {model: a.gguf, flag: {}}\n")  # a typo
+        rejected = await client.post("/swapd/reload")
+        assert rejected.status_code == 400
+        assert "did you mean 'flags'" in rejected.json()["error"]["message"]
+        models = {m["id"] for m in (await client.get("/v1/models")).json()["data"]}
+        assert models == {"a", "b", "c"}  # the old config stays

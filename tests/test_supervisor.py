@@ -464,3 +464,73 @@ profiles: {{a: {{model: a.gguf}}}}
             await sup.acquire("a")
         assert len(launcher.launched) == 2
         await sup.shutdown()
+
+
+def reloaded(tmp_path: Path, profiles: str) -> Config:
+    return parse_config(f"state_dir: {tmp_path}\nprofiles:\n{profiles}", base_dir=tmp_path)
+
+
+async def test_reload_keeps_an_unchanged_running_model(tmp_path: Path,
+                                                       autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        summary = await sup.reload(reloaded(tmp_path, """
+  a: {model: a.gguf, aliases: [alpha]}
+  b: {model: b.gguf, flags: {ctx-size: 999}}
+  d: {model: d.gguf}
+"""))
+        assert summary == {"added": ["d"], "removed": ["c"], "changed": ["b"],
+                           "active": "a", "active_kept": True}
+        await use(sup, "alpha")
+        assert len(launcher.launched) == 1 and sup.state is State.READY
+        with pytest.raises(UnknownModel):
+            await sup.acquire("c")
+        await use(sup, "d")
+        await sup.shutdown()
+
+
+async def test_reload_changed_active_serves_until_the_next_swap(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        new = reloaded(tmp_path, "  a: {model: a.gguf, flags: {ctx-size: 512}}\n"
+                                 "  b: {model: b.gguf}\n")
+        summary = await sup.reload(new)
+        assert summary["changed"] == ["a"] and not summary["active_kept"]
+        await use(sup, "a")  # still the old process
+        assert len(launcher.launched) == 1
+        await use(sup, "b")
+        await use(sup, "a")  # the next start of a uses the new definition
+        assert sup.active is new.profiles["a"]
+        assert len(launcher.launched) == 3
+        await sup.shutdown()
+
+
+async def test_reload_removing_the_active_profile_unloads_it_when_idle(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=5.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        lease = await sup.acquire("a")
+        failed: list[Exception] = []
+
+        async def wait_for_c() -> None:
+            try:
+                await use(sup, "c")
+            except UnknownModel as error:
+                failed.append(error)
+
+        nursery.start_soon(wait_for_c)
+        await trio.testing.wait_all_tasks_blocked()
+        await sup.reload(reloaded(tmp_path, "  b: {model: b.gguf}\n"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(failed) == 1  # its profile is gone: 404, not a hang
+        assert sup.state is State.READY  # a request still holds a
+        await sup.release(lease)
+        await trio.sleep(1)
+        assert sup.state is State.IDLE
+        await sup.shutdown()

@@ -1,0 +1,92 @@
+"""Optional API keys: one set for everything, a separate one for operations.
+
+Keys come from an environment variable (several may be separated by commas or
+whitespace) or a file (one per line, ``#`` comments allowed), never from the config
+itself, and are compared in constant time against every configured key. A client
+sends one as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
+
+* ``security.api_key_*``: required on every endpoint except ``/health`` (liveness
+  probes and load balancers must not need a secret).
+* ``security.admin_key_*``: required on ``/swapd/*`` and ``/metrics``; when only API
+  keys are set, those endpoints take an API key like any other.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import attrs
+
+from .config import Security
+from .errors import ConfigError
+
+OPEN_PATHS = frozenset({"/health"})
+ADMIN_PREFIXES = ("/swapd/", "/metrics")
+
+
+@attrs.frozen
+class Keys:
+    api: tuple[bytes, ...] = ()
+    admin: tuple[bytes, ...] = ()
+
+    def required(self, path: str) -> tuple[bytes, ...]:
+        """The keys that may open ``path``; empty means no key is needed."""
+        if path in OPEN_PATHS:
+            return ()
+        if path.startswith(ADMIN_PREFIXES) and self.admin:
+            return self.admin
+        return self.api
+
+    def allows(self, path: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        required = self.required(path)
+        if not required:
+            return True
+        presented = _presented(headers)
+        if presented is None:
+            return False
+        # Compare with every key, without stopping early: timing says nothing.
+        matches = [hmac.compare_digest(presented, key) for key in required]
+        return any(matches)
+
+
+def _presented(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip()
+        if lowered == b"x-api-key":
+            return value.strip()
+    return None
+
+
+def load_keys(security: Security, environ: Mapping[str, str] = os.environ) -> Keys:
+    """Read the configured keys; a named but empty or unreadable source is an error."""
+    return Keys(
+        api=_read(security.api_key_env, security.api_key_file, "security.api_key", environ),
+        admin=_read(security.admin_key_env, security.admin_key_file, "security.admin_key",
+                    environ),
+    )
+
+
+def _read(env: str | None, file: Path | None, key: str,
+          environ: Mapping[str, str]) -> tuple[bytes, ...]:
+    if env is not None:
+        values = environ.get(env, "").replace(",", " ").split()
+        if not values:
+            raise ConfigError([f"${env} is empty or not set @ {key}_env; set it to the "
+                               "key(s) clients must send, or remove the setting"])
+        return tuple(v.encode() for v in values)
+    if file is not None:
+        try:
+            lines = file.read_text().splitlines()
+        except OSError as error:
+            raise ConfigError([f"cannot read {file}: {error.strerror} @ {key}_file"]) from None
+        values = [line.strip() for line in lines
+                  if line.strip() and not line.lstrip().startswith("#")]
+        if not values:
+            raise ConfigError([f"{file} holds no key @ {key}_file"])
+        return tuple(v.encode() for v in values)
+    return ()

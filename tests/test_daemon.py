@@ -1,0 +1,95 @@
+"""``swapd serve`` as a real process: signals, reload, exit status, no leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from swapd.process import free_port
+from tests.test_api import config_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: object, what: str, deadline_s: float = 20) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    port = free_port("127.0.0.1")
+    config = json.loads(config_text(tmp_path))
+    config["listen"] = f"127.0.0.1:{port}"
+    path = tmp_path / "swapd.yaml"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
+                            cwd=ROOT, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, "swapd to listen")
+        yield proc, url, path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_sighup_reloads_and_sigterm_exits_cleanly(
+        daemon: tuple[subprocess.Popen[bytes], str, Path]) -> None:
+    proc, url, path = daemon
+    loaded = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()
+    child = loaded["pid"]
+
+    config = json.loads(path.read_text())
+    config["profiles"]["c"] = {"model": "c.gguf"}
+    path.write_text(json.dumps(config))
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_for(lambda: "c" in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]},
+             "the reloaded profile list")
+    assert httpx.get(url + "/swapd/status").json()["pid"] == child  # kept serving
+
+    path.write_text("profiles: {}\n")  # invalid: rejected, the old config stays
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_for(lambda: httpx.get(url + "/health").status_code == 200, "swapd after a bad HUP")
+    assert {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]} == {"a", "b", "c"}
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not alive(child)
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode()
+    assert "reload rejected" in log and "SIGTERM: shutting down" in log
+
+
+def test_sigint_with_nothing_loaded_exits_zero(
+        daemon: tuple[subprocess.Popen[bytes], str, Path]) -> None:
+    proc, _url, _path = daemon
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
