@@ -63,12 +63,13 @@ class StartTimeout(StartError):
 class ModelCrashed(SwapdError):
     """The child exited while it was serving requests."""
 
-    def __init__(self, profile: str, exit_code: int | None,
-                 stderr_tail: Sequence[str] = ()) -> None:
+    def __init__(self, profile: str, exit_code: int | None, stderr_tail: Sequence[str] = (),
+                 how: str | None = None) -> None:
         self.profile = profile
         self.exit_code = exit_code
         self.stderr_tail = list(stderr_tail)
-        super().__init__(f"model {profile!r} exited with code {exit_code} while serving")
+        super().__init__(
+            f"model {profile!r} {how or f'exited with code {exit_code}'} while serving")
 
 
 class LeaseError(SwapdError):

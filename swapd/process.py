@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import logging
 import os
 import signal
@@ -92,6 +93,38 @@ class ChildLog:
             self._file = None
 
 
+_DIAGNOSES = (
+    (("failed to open GGUF", "failed to load model", "No such file"),
+     "the model file is missing, unreadable or not a GGUF: check the profile's model path"),
+    (("invalid argument", "error while handling argument", "unknown argument"),
+     "this llama-server build rejects a flag: run 'swapd check' to find it"),
+    (("couldn't bind", "address already in use", "Address already in use"),
+     "the port is taken: stop what holds it or use llama_server.port: auto"),
+    (("out of memory", "cudaMalloc failed", "failed to allocate", "ErrorOutOfDeviceMemory",
+      "CUDA error: out of memory"),
+     "not enough (GPU) memory: lower ctx-size, offload fewer layers (n-gpu-layers) or use "
+     "a smaller cache-type-k/v"),
+)
+
+
+def diagnose(tail: Sequence[str]) -> str:
+    """A hint a person can act on, from the child's last lines ('' if none fits)."""
+    text = "\n".join(tail)
+    for needles, hint in _DIAGNOSES:
+        if any(needle in text for needle in needles):
+            return f" ({hint})"
+    return ""
+
+
+def describe_exit(code: int | None) -> str:
+    """``exited with code 1`` or ``was killed by SIGKILL (the kernel's OOM killer?)``."""
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+    oom = " (the kernel's OOM killer?)" if -code == signal.SIGKILL else ""
+    return f"was killed by {name}{oom}"
+
+
 def free_port(host: str) -> int:
     """A port the kernel says is free on ``host`` now (``llama_server.port: auto``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -126,7 +159,8 @@ class LlamaProcess:
     """
 
     def __init__(self, name: str, argv: Sequence[str], popen: subprocess.Popen[bytes],
-                 host: str, port: int, log_sink: ChildLog | None) -> None:
+                 host: str, port: int, log_sink: ChildLog | None,
+                 pidfile: Path | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.pid = popen.pid
@@ -148,6 +182,9 @@ class LlamaProcess:
         )
         self._popen = popen
         self._log_sink = log_sink
+        self.pidfile = pidfile
+        if pidfile is not None:
+            write_pidfile(pidfile, self.pid, self.argv[0])
         self._wake = trio.Event()  # set by the readiness line and by the exit
         self._output_done = trio.Event()
         assert popen.stdout is not None
@@ -213,6 +250,8 @@ class LlamaProcess:
             status = os.waitpid(self.pid, 0)  # noqa: ASYNC222 - exited: returns at once
         self.exit_code = os.waitstatus_to_exitcode(status[1])
         self._popen.returncode = self.exit_code  # so Popen's __del__ does not wait again
+        if self.pidfile is not None:
+            clear_pidfile(self.pidfile, self.pid)
         log.info("%s (pid %d) exited with code %s", self.name, self.pid, self.exit_code)
         self.exited.set()
         self._wake.set()
@@ -226,10 +265,11 @@ class LlamaProcess:
                 while True:
                     if self.exited.is_set():
                         await self._drain_output()
+                        tail = list(self.tail)[-15:]
                         raise StartFailed(
-                            self.name, f"llama-server exited with code {self.exit_code} "
-                            "during start", exit_code=self.exit_code,
-                            stderr_tail=list(self.tail)[-15:])
+                            self.name, f"llama-server {describe_exit(self.exit_code)} during "
+                            f"start{diagnose(tail)}", exit_code=self.exit_code,
+                            stderr_tail=tail)
                     if await self._healthy():
                         self.ready_at = trio.current_time()
                         return
@@ -291,6 +331,79 @@ class LlamaProcess:
             os.killpg(self.pid, signum)
 
 
+PIDFILE = "llama-server.pid"
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot: with the pid, its identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def write_pidfile(path: Path, pid: int, program: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": pid, "start_ticks": _start_ticks(pid),
+                                   "program": program, "swapd_pid": os.getpid()}))
+        tmp.replace(path)
+    except OSError as error:
+        log.warning("cannot write %s: %s", path, error)
+
+
+def clear_pidfile(path: Path, pid: int) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+
+
+def leftover_pid(path: Path) -> int | None:
+    """The pid an earlier swapd recorded in ``path``, if exactly that process still runs.
+
+    Same pid, same start time and same program, or None: a recycled pid belongs to
+    someone else. The record is consumed either way.
+    """
+    try:
+        record = json.loads(path.read_text())
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path.unlink(missing_ok=True)
+    try:
+        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return None
+    started = _start_ticks(pid)
+    if started is None or started != record.get("start_ticks"):
+        return None
+    return pid if program == record.get("program") else None
+
+
+async def reap_leftover(path: Path, grace: float) -> int | None:
+    """Stop a llama-server that an earlier swapd left running; return its pid."""
+    pid = leftover_pid(path)
+    if pid is None:
+        return None
+    log.warning("stopping llama-server pid %d left running by an earlier swapd", pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return pid  # already gone
+    try:
+        for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signum)
+            with trio.move_on_after(wait):
+                await trio.lowlevel.wait_readable(pidfd)  # readable once it has exited
+                break
+    finally:
+        os.close(pidfd)
+    return pid
+
+
 def launch(config: Config, profile: Profile, log_sink: ChildLog | None) -> LlamaProcess:
     """Spawn ``profile``'s llama-server on the configured (or a free) loopback port."""
     host = config.llama_server.host
@@ -301,11 +414,13 @@ def launch(config: Config, profile: Profile, log_sink: ChildLog | None) -> Llama
         raise StartFailed(profile.name, f"port {port} on {host} is in use by another "
                           "process (llama_server.port); stop it or use port: auto")
     return spawn(profile.name, build_argv(config, profile, port), host=host, port=port,
-                 env={**config.llama_server.env, **profile.env}, log_sink=log_sink)
+                 env={**config.llama_server.env, **profile.env}, log_sink=log_sink,
+                 pidfile=config.state_dir / PIDFILE)
 
 
 def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
-          env: dict[str, str] | None = None, log_sink: ChildLog | None = None) -> LlamaProcess:
+          env: dict[str, str] | None = None, log_sink: ChildLog | None = None,
+          pidfile: Path | None = None) -> LlamaProcess:
     """Start the child in its own session with a parent-death signal. Never a shell.
 
     Raises ``StartFailed`` when the command cannot be executed at all.
@@ -323,4 +438,4 @@ def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
             name, f"cannot run {argv[0]!r}: {error.strerror}; set llama_server.command to "
             "the llama-server binary (a name on PATH or a full path)") from None
     log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
-    return LlamaProcess(name, argv, popen, host, port, log_sink)
+    return LlamaProcess(name, argv, popen, host, port, log_sink, pidfile)

@@ -226,6 +226,8 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``; the child is stopped before this returns."""
         self._idle_since = trio.current_time()
+        await process.reap_leftover(self.config.state_dir / process.PIDFILE,
+                                    self.config.timeouts.stop)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -506,7 +508,8 @@ class Supervisor:
     def _on_exited(self, proc: process.LlamaProcess) -> None:
         if proc is not self.proc or self.state is not State.READY:
             return  # a stop or a failed start we already account for
-        error = ModelCrashed(proc.name, proc.exit_code, list(proc.tail)[-15:])
+        error = ModelCrashed(proc.name, proc.exit_code, list(proc.tail)[-15:],
+                             process.describe_exit(proc.exit_code))
         log.error("%s; last output:\n%s", error, "\n".join(error.stderr_tail))
         self.last_error = error
         self.stats["crashes"] += 1

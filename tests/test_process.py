@@ -5,6 +5,7 @@ Real time is used only as deadlines that turn a hang into a failure.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -113,6 +115,14 @@ async def test_missing_command_is_a_clear_start_failure() -> None:
         process.spawn("m", ["/nonexistent/llama-server"], host=HOST, port=1)
 
 
+async def _healthy(port: int) -> bool:
+    try:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(f"http://{HOST}:{port}/health")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_port_in_use_is_detected() -> None:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -168,3 +178,66 @@ def test_child_dies_with_swapd_even_on_sigkill(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+async def test_a_restarted_swapd_reaps_the_llama_server_it_left(tmp_path: Path) -> None:
+    pidfile = tmp_path / process.PIDFILE
+    port = process.free_port(HOST)
+    # A child of *this* process stands in for one whose swapd is gone.
+    leftover = subprocess.Popen(fake_argv(port), start_new_session=True)
+    try:
+        with trio.fail_after(10):  # up, with its SIGTERM handler installed
+            while not await _healthy(port):
+                await trio.sleep(0.02)
+        process.write_pidfile(pidfile, leftover.pid, fake_argv(port)[0])
+        assert await process.reap_leftover(pidfile, grace=5) == leftover.pid
+        assert leftover.wait(timeout=5) == 0  # SIGTERM was enough
+        assert not pidfile.exists()
+    finally:
+        leftover.kill()
+        leftover.wait()
+
+
+async def test_a_recycled_pid_is_left_alone(tmp_path: Path) -> None:
+    pidfile = tmp_path / process.PIDFILE
+    bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        process.write_pidfile(pidfile, bystander.pid, "/usr/bin/llama-server")
+        assert await process.reap_leftover(pidfile, grace=5) is None  # other program
+        record = {"pid": bystander.pid, "start_ticks": 1, "program": "sleep"}
+        pidfile.write_text(json.dumps(record))
+        assert await process.reap_leftover(pidfile, grace=5) is None  # other start time
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+async def test_the_pidfile_lives_as_long_as_the_child(tmp_path: Path) -> None:
+    pidfile = tmp_path / process.PIDFILE
+    port = process.free_port(HOST)
+    async with trio.open_nursery() as nursery:
+        proc = process.spawn("m", fake_argv(port), host=HOST, port=port, pidfile=pidfile)
+        nursery.start_soon(proc.watch)
+        await proc.wait_ready(10, 0.02)
+        assert json.loads(pidfile.read_text())["pid"] == proc.pid
+        await proc.stop(5)
+    assert not pidfile.exists()
+
+
+@pytest.mark.parametrize(("tail", "hint"), [
+    (["gguf_init_from_file: failed to open GGUF file '/m.gguf'"], "model file is missing"),
+    (["error: invalid argument: --bogus"], "run 'swapd check'"),
+    (["couldn't bind HTTP server socket"], "port is taken"),
+    (["ggml_cuda: CUDA error: out of memory"], "lower ctx-size"),
+    (["something else"], ""),
+])
+def test_start_failures_come_with_a_hint(tail: list[str], hint: str) -> None:
+    assert hint in process.diagnose(tail)
+    assert bool(process.diagnose(tail)) == bool(hint)
+
+
+def test_exit_descriptions() -> None:
+    assert process.describe_exit(1) == "exited with code 1"
+    assert process.describe_exit(-9) == "was killed by SIGKILL (the kernel's OOM killer?)"
+    assert process.describe_exit(-11) == "was killed by SIGSEGV"
