@@ -93,17 +93,17 @@ class ChildLog:
             self._file = None
 
 
-_DIAGNOSES = (
-    (("failed to open GGUF", "failed to load model", "No such file"),
-     "the model file is missing, unreadable or not a GGUF: check the profile's model path"),
-    (("invalid argument", "error while handling argument", "unknown argument"),
-     "this llama-server build rejects a flag: run 'swapd check' to find it"),
-    (("couldn't bind", "address already in use", "Address already in use"),
-     "the port is taken: stop what holds it or use llama_server.port: auto"),
-    (("out of memory", "cudaMalloc failed", "failed to allocate", "ErrorOutOfDeviceMemory",
-      "CUDA error: out of memory"),
+_DIAGNOSES = (  # most specific first: an OOM also ends in "failed to load model"
+    (("out of memory", "cudaMalloc failed", "failed to allocate", "ErrorOutOfDeviceMemory"),
      "not enough (GPU) memory: lower ctx-size, offload fewer layers (n-gpu-layers) or use "
      "a smaller cache-type-k/v"),
+    (("couldn't bind", "ddress already in use"),
+     "the port is taken: stop what holds it or use llama_server.port: auto"),
+    (("invalid argument", "error while handling argument", "unknown argument"),
+     "this llama-server build rejects a flag: run 'swapd check' to find it"),
+    (("failed to open GGUF", "failed to load model", "No such file"),
+     "the model could not be loaded: check that the profile's model path is a readable "
+     "GGUF file this llama-server build supports"),
 )
 
 

@@ -226,7 +226,10 @@ async def test_the_pidfile_lives_as_long_as_the_child(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("tail", "hint"), [
-    (["gguf_init_from_file: failed to open GGUF file '/m.gguf'"], "model file is missing"),
+    (["gguf_init_from_file: failed to open GGUF file '/m.gguf'"], "model path is a readable"),
+    (["ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on device 0: "
+      "cudaMalloc failed: out of memory", "E srv load_model: failed to load model"],
+     "lower ctx-size"),
     (["error: invalid argument: --bogus"], "run 'swapd check'"),
     (["couldn't bind HTTP server socket"], "port is taken"),
     (["ggml_cuda: CUDA error: out of memory"], "lower ctx-size"),

@@ -88,3 +88,25 @@ async def test_streamed_chat_through_swaps_with_the_real_server(
         assert completion.model  # llama-server answered
         assert running.supervisor.active.name == "tiny-a-long"  # type: ignore[union-attr]
         assert set(running.supervisor.load_seconds) == {"tiny-a", "tiny-b", "tiny-a-long"}
+
+
+async def test_real_start_failures_say_what_to_fix(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path) -> None:
+    config = json.loads(real_config(tmp_path, tiny_models, llama_server_bin))
+    config["profiles"]["missing"] = {"model": str(tmp_path / "nope.gguf")}
+    config["profiles"]["badflag"] = {"model": str(tiny_models / "a.gguf"),
+                                     "flags": {"no-such-flag": True}}
+    async with open_server(parse_config(json.dumps(config))) as running, \
+            httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+        for model, exit_text, hint in (
+                ("missing", "exited with code", "model path is a readable GGUF"),
+                ("badflag", "exited with code 1", "run 'swapd check'")):
+            answer = await client.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 503
+            message = answer.json()["error"]["message"]
+            assert exit_text in message and hint in message, message
+        # a good profile still loads after those failures
+        good = await client.post("/v1/chat/completions", json={
+            "model": "tiny-b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert good.status_code == 200
