@@ -8,6 +8,7 @@ are deadlines only.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -377,3 +378,18 @@ async def test_reload_by_diff_keeps_the_running_model(tmp_path: Path) -> None:
         assert "did you mean 'flags'" in rejected.json()["error"]["message"]
         models = {m["id"] for m in (await client.get("/v1/models")).json()["data"]}
         assert models == {"a", "b", "c"}  # the old config stays
+
+
+async def test_fixed_port_in_use_is_refused_before_spawning(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = json.loads(config_text(tmp_path))
+        config["llama_server"]["port"] = port
+        async with open_server(parse_config(json.dumps(config))) as running, \
+                httpx.AsyncClient(base_url=running.url, timeout=30) as client:
+            answer = await client.post("/v1/chat/completions", json=chat("a"))
+            assert answer.status_code == 503
+            assert f"port {port} on 127.0.0.1 is in use" in answer.json()["error"]["message"]
+            assert running.supervisor.proc is None
