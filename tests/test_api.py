@@ -393,3 +393,34 @@ async def test_fixed_port_in_use_is_refused_before_spawning(tmp_path: Path) -> N
             assert answer.status_code == 503
             assert f"port {port} on 127.0.0.1 is in use" in answer.json()["error"]["message"]
             assert running.supervisor.proc is None
+
+
+async def test_client_leaving_mid_stream_closes_its_upstream(tmp_path: Path) -> None:
+    async with swapd(tmp_path, a_flags={"fake-tokens": 10000,
+                                        "fake-token-delay-ms": 5}) as (running, client):
+        await client.post("/swapd/load", json={"model": "a"})
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json=chat("a", stream=True)) as response:
+            async for _chunk in response.aiter_raw():
+                assert running.supervisor.n_inflight == 1
+                break  # leave after the first chunk of a ~50 s answer
+        with trio.fail_after(5):
+            while running.supervisor.n_inflight:
+                await trio.sleep(0.01)
+        # the child is free: a new request is answered at once
+        answer = await client.post("/v1/completions", json={"model": "a", "prompt": "x",
+                                                            "max_tokens": 1})
+        assert answer.status_code == 200
+
+
+async def test_second_load_shows_an_eta(tmp_path: Path) -> None:
+    async with swapd(tmp_path, b_flags={"fake-load-ms": 2500}) as (_running, client):
+        await client.post("/swapd/load", json={"model": "b"})  # learns b's load time
+        await client.post("/swapd/load", json={"model": "a"})
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json=chat("b", stream=True)) as response:
+            body = (await response.aread()).decode()
+        _comments, data = sse_events(body)
+        reasoning = "".join(d["choices"][0]["delta"].get("reasoning_content") or ""
+                            for d in data[:-1])
+        assert "% (ready in ~" in reasoning
