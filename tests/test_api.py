@@ -414,7 +414,7 @@ async def test_client_leaving_mid_stream_closes_its_upstream(tmp_path: Path) -> 
 
 
 async def test_second_load_shows_an_eta(tmp_path: Path) -> None:
-    async with swapd(tmp_path, b_flags={"fake-load-ms": 2500}) as (_running, client):
+    async with swapd(tmp_path, b_flags={"fake-load-ms": 1200}) as (_running, client):
         await client.post("/swapd/load", json={"model": "b"})  # learns b's load time
         await client.post("/swapd/load", json={"model": "a"})
         async with client.stream("POST", "/v1/chat/completions",
