@@ -236,25 +236,46 @@ class LlamaProcess:
         self._output_done.set()
 
     async def _reap(self) -> None:
+        await self.wait_exit()
+        log.info("%s (pid %d) exited with code %s", self.name, self.pid, self.exit_code)
+
+    async def wait_exit(self) -> None:
+        """Wait for the child to exit and reap it; any number of tasks may wait.
+
+        Each waiter watches its own pidfd, and the first to wake reaps: ``stop`` works
+        even when the task running ``watch`` was cancelled (a forced shutdown).
+        """
+        if self.exited.is_set():
+            return
         try:
             pidfd = os.pidfd_open(self.pid)
-        except OSError:  # kernel without pidfd: poll, rarely
-            # No event to wait on without a pidfd, and WNOHANG never blocks.
-            while (status := os.waitpid(self.pid, os.WNOHANG))[0] == 0:  # noqa: ASYNC110, ASYNC222
+        except OSError:  # already reaped by another waiter, or no pidfd: poll (rare)
+            while not self.exited.is_set() and not self._try_reap():  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        else:
-            try:
-                await trio.lowlevel.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
-            status = os.waitpid(self.pid, 0)  # noqa: ASYNC222 - exited: returns at once
-        self.exit_code = os.waitstatus_to_exitcode(status[1])
+            return
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self._try_reap()
+
+    def _try_reap(self) -> bool:
+        """Reap the child if it has exited (never blocks); True once it is reaped."""
+        if self.exited.is_set():
+            return True
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return self.exited.is_set()
+        if pid == 0:
+            return False
+        self.exit_code = os.waitstatus_to_exitcode(status)
         self._popen.returncode = self.exit_code  # so Popen's __del__ does not wait again
         if self.pidfile is not None:
             clear_pidfile(self.pidfile, self.pid)
-        log.info("%s (pid %d) exited with code %s", self.name, self.pid, self.exit_code)
         self.exited.set()
         self._wake.set()
+        return True
 
     # -- readiness --
 
@@ -311,13 +332,13 @@ class LlamaProcess:
             if self.alive:
                 self._signal_group(signal.SIGTERM)
                 with trio.move_on_after(grace):
-                    await self.exited.wait()
+                    await self.wait_exit()
             if self.alive:
                 log.warning("%s (pid %d) ignored SIGTERM for %gs; sending SIGKILL",
                             self.name, self.pid, grace)
                 self._signal_group(signal.SIGKILL)
                 with trio.move_on_after(5.0):
-                    await self.exited.wait()
+                    await self.wait_exit()
             # Grandchildren that outlived the leader would keep the port and the VRAM.
             self._signal_group(signal.SIGKILL)
         return self.exit_code

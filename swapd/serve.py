@@ -94,27 +94,43 @@ async def open_server(config: Config, *, launcher: Launcher = process.launch,
         child_log.close()
 
 
-async def _main(config: Config, config_path: Path) -> None:
+async def _main(config: Config, config_path: Path) -> int:
+    """Serve until SIGTERM/SIGINT; a second one stops at once. Returns the exit status."""
+    forced = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with open_server(config, config_path=config_path) as running:
-            log.info("swapd listening on %s with %d profile(s)", ", ".join(running.urls),
-                     len(config.profiles))
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    try:
-                        await running.frontend.reload()
-                    except ConfigError as error:
-                        log.error("SIGHUP: reload rejected; the running config stays:\n%s",
-                                  error)
-                    continue
-                if running.shutdown.is_set():  # second signal: no more waiting
-                    log.warning("second %s: stopping now", signal.Signals(signum).name)
-                    proc = running.supervisor.proc
-                    if proc is not None:
-                        proc.kill_now()
-                    raise SystemExit(1)
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                break
+        async with trio.open_nursery() as nursery:
+            async with open_server(config, config_path=config_path) as running:
+                log.info("swapd listening on %s with %d profile(s)", ", ".join(running.urls),
+                         len(config.profiles))
+                await _until_stop_signal(signals, running)
+
+                async def stop_now_on_second_signal() -> None:
+                    nonlocal forced
+                    async for signum in signals:
+                        if signum != signal.SIGHUP:
+                            log.warning("second %s: stopping without waiting for requests",
+                                        signal.Signals(signum).name)
+                            forced = True
+                            if running.supervisor.proc is not None:
+                                running.supervisor.proc.kill_now()
+                            nursery.cancel_scope.cancel()  # cuts the graceful drain short
+                            return
+
+                nursery.start_soon(stop_now_on_second_signal)
+            nursery.cancel_scope.cancel()  # drained in time: stop watching for signals
+    return 1 if forced else 0
+
+
+async def _until_stop_signal(signals: AsyncIterator[int], running: Running) -> None:
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            try:
+                await running.frontend.reload()
+            except ConfigError as error:
+                log.error("SIGHUP: reload rejected; the running config stays:\n%s", error)
+            continue
+        log.info("%s: shutting down (again to stop at once)", signal.Signals(signum).name)
+        return
 
 
 def run(config_path: str | os.PathLike[str]) -> int:
@@ -128,5 +144,4 @@ def run(config_path: str | os.PathLike[str]) -> int:
         print(error, file=sys.stderr)
         return 1
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-    trio.run(_main, config, Path(config_path))
-    return 0
+    return trio.run(_main, config, Path(config_path))

@@ -93,3 +93,35 @@ def test_sigint_with_nothing_loaded_exits_zero(
     proc, _url, _path = daemon
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
+
+
+def test_second_signal_stops_at_once_and_still_kills_the_child(
+        tmp_path: Path) -> None:
+    port = free_port("127.0.0.1")
+    config = json.loads(config_text(tmp_path, timeouts={"drain": "60s"},
+                                    a_flags={"fake-tokens": 100000,
+                                             "fake-token-delay-ms": 10}))
+    config["listen"] = f"127.0.0.1:{port}"
+    path = tmp_path / "swapd.yaml"
+    path.write_text(json.dumps(config))
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
+                            cwd=ROOT, stderr=open(tmp_path / "err.log", "w"))  # noqa: SIM115
+    try:
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, "swapd to listen")
+        child = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()["pid"]
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
+                "model": "a", "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}) as response:
+            chunks = response.iter_raw()  # kept: a dropped iterator closes the stream
+            next(chunks)  # a ~1000 s answer is in flight
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # draining: the stream may finish (up to 60 s)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) != 0  # stopped without waiting
+        wait_for(lambda: not alive(child), "the child to be gone", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
