@@ -26,6 +26,7 @@ from .app import Frontend, create_app, frontend_for
 from .config import Config, load_config
 from .errors import ConfigError
 from .fallback import FallbackChain
+from .notify import Notifier, status_text
 from .supervisor import Launcher, Supervisor
 
 log = logging.getLogger("swapd")
@@ -97,12 +98,19 @@ async def open_server(config: Config, *, launcher: Launcher = process.launch,
 async def _main(config: Config, config_path: Path) -> int:
     """Serve until SIGTERM/SIGINT; a second one stops at once. Returns the exit status."""
     forced = False
+    notifier = Notifier.from_environment()  # before any child can inherit NOTIFY_SOCKET
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             async with open_server(config, config_path=config_path) as running:
                 log.info("swapd listening on %s with %d profile(s)", ", ".join(running.urls),
                          len(config.profiles))
-                await _until_stop_signal(signals, running)
+                status = partial(_status_line, running.supervisor)
+                notifier.ready(status=status())
+                nursery.start_soon(notifier.run_watchdog)
+                nursery.start_soon(notifier.run_status_updates, status,
+                                   running.supervisor.wait_changed)
+                await _until_stop_signal(signals, running, notifier)
+                notifier.stopping()
 
                 async def stop_now_on_second_signal() -> None:
                     nonlocal forced
@@ -121,13 +129,23 @@ async def _main(config: Config, config_path: Path) -> int:
     return 1 if forced else 0
 
 
-async def _until_stop_signal(signals: AsyncIterator[int], running: Running) -> None:
+def _status_line(supervisor: Supervisor) -> str:
+    error = supervisor.last_error
+    return status_text(supervisor.state.value,
+                       supervisor.active.name if supervisor.active else None,
+                       last_error=str(error).splitlines()[0] if error else None)
+
+
+async def _until_stop_signal(signals: AsyncIterator[int], running: Running,
+                             notifier: Notifier) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
+            notifier.reloading()
             try:
                 await running.frontend.reload()
             except ConfigError as error:
                 log.error("SIGHUP: reload rejected; the running config stays:\n%s", error)
+            notifier.ready(status=_status_line(running.supervisor))
             continue
         log.info("%s: shutting down (again to stop at once)", signal.Signals(signum).name)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,6 +123,47 @@ def test_second_signal_stops_at_once_and_still_kills_the_child(
             assert proc.wait(timeout=10) != 0  # stopped without waiting
         wait_for(lambda: not alive(child), "the child to be gone", 5)
     finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_systemd_notifications_across_a_lifecycle(tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(20)
+    port = free_port("127.0.0.1")
+    config = json.loads(config_text(tmp_path))
+    config["listen"] = f"127.0.0.1:{port}"
+    path = tmp_path / "swapd.yaml"
+    path.write_text(json.dumps(config))
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
+                            cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+
+    def until(text: str) -> list[str]:
+        seen = []
+        while True:
+            message = sock.recv(4096).decode()
+            seen.append(message)
+            if text in message:
+                return seen
+
+    try:
+        first = until("READY=1")
+        assert "STATUS=idle" in first[-1]
+        child = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()["pid"]
+        assert any("STATUS=ready a" in m for m in until("STATUS=ready a"))
+        environ = Path(f"/proc/{child}/environ").read_bytes()
+        assert b"NOTIFY_SOCKET" not in environ  # the child cannot speak for swapd
+        os.kill(proc.pid, signal.SIGHUP)
+        assert any("RELOADING=1" in m for m in until("READY=1"))
+        proc.send_signal(signal.SIGTERM)
+        until("STOPPING=1")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        sock.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
