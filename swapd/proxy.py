@@ -178,8 +178,7 @@ class InferenceProxy:
         try:
             request = lease.proc.client.build_request(
                 ex.scope["method"], _target(ex.scope), content=ex.body,
-                headers=[(k, v) for k, v in ex.scope["headers"]
-                         if k.lower() not in _DROP_REQUEST])
+                headers=forwardable(ex.scope["headers"], _DROP_REQUEST))
             failure: str | None = None
             with lease.scope:
                 try:
@@ -295,8 +294,7 @@ class _Exchange:
         try:
             if not self.headers_sent:
                 await self.start(response.status_code,
-                                 [(k, v) for k, v in response.headers.raw
-                                  if k.lower() not in _DROP_RESPONSE])
+                                 forwardable(response.headers.raw, _DROP_RESPONSE))
             elif response.status_code != 200:  # our 200 is out: say it in-band
                 text = (await response.aread()).decode(errors="replace")
                 return f"{label} answered {response.status_code}: {text[:500]}"
@@ -326,6 +324,15 @@ class _Exchange:
         else:  # a plain body was half sent: all we can do is end it
             log.warning("%s", message)
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def forwardable(headers: Iterable[tuple[bytes, bytes]],
+                drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """``headers`` less ``drop`` and less any header the Connection header names."""
+    headers = list(headers)
+    named = {token.strip().lower() for name, value in headers if name.lower() == b"connection"
+             for token in value.split(b",")}
+    return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() not in named]
 
 
 def _target(scope: Scope) -> str:

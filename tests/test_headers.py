@@ -46,13 +46,14 @@ async def test_credentials_and_hop_by_hop_headers_do_not_cross(tmp_path: Path,
                 "/v1/chat/completions?debug=1", json={"model": "a", "messages": []},
                 headers={"authorization": "Bearer client-secret", "x-api-key": "other",
                          "connection": "keep-alive, x-private", "te": "trailers",
-                         "proxy-authorization": "Basic xyz", "x-request-id": "r1"})
+                         "proxy-authorization": "Basic xyz", "x-request-id": "r1",
+                         "x-private": "hop-by-hop, since Connection names it"})
         await supervisor.shutdown()
     assert response.status_code == 200
     (forwarded,) = seen
     assert forwarded.url.path == "/v1/chat/completions"
     assert forwarded.url.query == b"debug=1"
-    for header in ("authorization", "x-api-key", "te", "proxy-authorization"):
+    for header in ("authorization", "x-api-key", "te", "proxy-authorization", "x-private"):
         assert header not in forwarded.headers, header
     assert forwarded.headers.get("connection") != "keep-alive, x-private"
     assert forwarded.headers["x-request-id"] == "r1"  # ordinary headers pass
