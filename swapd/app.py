@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ def create_app(frontend: Frontend) -> Any:
                       MAX_CONTENT_LENGTH=frontend.config.security.max_body)
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
+    _page_routes(app)
     proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
@@ -320,6 +322,24 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
                       "model": sup.active.name if sup.active else None})
 
 
+def _page_routes(app: QuartTrio) -> None:
+    """The status page: static files shipped in the package (no build step, no CDN)."""
+    ui = resources.files("swapd") / "ui"
+    types = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
+             ".svg": "image/svg+xml"}  # Quart adds the charset
+
+    async def page(name: str = "index.html") -> Response:
+        target = ui / name
+        suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
+        if "/" in name or name.startswith(".") or suffix not in types or not target.is_file():
+            return _json({"error": "not found"}, 404)
+        return Response(target.read_bytes(), mimetype=types[suffix])
+
+    app.route("/")(page)
+    app.route("/ui/", endpoint="ui_index")(page)
+    app.route("/ui/<name>", endpoint="ui_file")(page)
+
+
 def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
     @app.route("/swapd/status")
     async def status() -> Response:
@@ -327,6 +347,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
         return _json({
             "version": __version__,
             **sup.status(),
+            "requests": fe.metrics.requests_by_model(),
             "fallbacks": fe.fallbacks.status(),
             "profiles": {name: {"status": fe.status_of(name),
                                 "context_length": e.context_length,

@@ -6,7 +6,8 @@ itself, and are compared in constant time against every configured key. A client
 sends one as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
 
 * ``security.api_key_*``: required on every endpoint except ``/health`` (liveness
-  probes and load balancers must not need a secret).
+  probes and load balancers must not need a secret) and the status page's static
+  files (``/``, ``/ui/...``: they hold no data; the page sends the key with its calls).
 * ``security.admin_key_*``: required on ``/swapd/*`` and ``/metrics``; when only API
   keys are set, those endpoints take an API key like any other.
 """
@@ -23,7 +24,7 @@ import attrs
 from .config import Security
 from .errors import ConfigError
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
 ADMIN_PREFIXES = ("/swapd/", "/metrics")
 
 
@@ -34,7 +35,7 @@ class Keys:
 
     def required(self, path: str) -> tuple[bytes, ...]:
         """The keys that may open ``path``; empty means no key is needed."""
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path.startswith("/ui/"):
             return ()
         if path.startswith(ADMIN_PREFIXES) and self.admin:
             return self.admin

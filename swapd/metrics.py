@@ -51,6 +51,15 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def requests_by_model(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    model = sample.labels["model"]
+                    counts[model] = counts.get(model, 0) + int(sample.value)
+        return counts
+
     def model_label(self, name: str | None) -> str:
         """Bounded label values: configured names only (clients can send anything)."""
         if not name:

@@ -204,6 +204,9 @@ class Supervisor:
         self.load_seconds: dict[str, float] = _read_load_times(config)
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
         self.health: dict[str, ProfileHealth] = {}
+        self.history: deque[dict[str, Any]] = deque(maxlen=50)
+        """The last loads: from, to, stop/load/total seconds, result (status, the UI)."""
+        self._swap: dict[str, Any] = {}
         self._wall = clock
         self._seq = 0
         self._changed = trio.Event()
@@ -348,6 +351,7 @@ class Supervisor:
             },
             "load_seconds": dict(self.load_seconds),
             "circuits": self.circuits(),
+            "history": list(self.history),
             **self.stats,
         }
 
@@ -384,6 +388,7 @@ class Supervisor:
                 self._on_start_done(profile, proc, error)
             case Stopped(proc):
                 if proc is self.proc:
+                    self._swap["stopped"] = trio.current_time()
                     self.proc = None
                     self.active = None
                     self._transition(State.IDLE)
@@ -459,6 +464,7 @@ class Supervisor:
             self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
                           message=str(error).splitlines()[0])
             self._record_failure(profile.name, str(error).splitlines()[0])
+            self._record_load(profile.name, "failed")
             # Everyone waiting for this profile hears why; others keep waiting.
             failure = LocalFailed(error)
             for waiter in self._waiting.pop(profile.name, deque()):
@@ -473,6 +479,7 @@ class Supervisor:
         self.proc = proc
         self._transition(State.READY)
         self._idle_since = trio.current_time()
+        self._record_load(profile.name, "ok")
         health = self.health.pop(profile.name, None)
         if health is not None and health.opened_at is not None:
             self._publish("circuit_closed", profile=profile.name)
@@ -504,6 +511,16 @@ class Supervisor:
         log.info("config reloaded: %s", summary)
         self._publish("reloaded", **summary)
         return summary
+
+    def _record_load(self, profile: str, result: str) -> None:
+        now = trio.current_time()
+        began = self._swap.get("began", now)
+        stopped = self._swap.get("stopped", began)
+        self.history.append({
+            "at": self._wall(), "from": self._swap.get("from"), "to": profile,
+            "result": result, "stop_seconds": round(stopped - began, 4),
+            "load_seconds": round(now - stopped, 4), "total_seconds": round(now - began, 4)})
+        self._swap = {}
 
     def _on_exited(self, proc: process.LlamaProcess) -> None:
         if proc is not self.proc or self.state is not State.READY:
@@ -709,6 +726,9 @@ class Supervisor:
 
     def _begin_start(self, profile: Profile) -> None:
         assert self._nursery is not None
+        if "stopped" not in self._swap:  # a load with nothing to stop first
+            now = trio.current_time()
+            self._swap = {"from": None, "began": now, "stopped": now}
         self.active = profile
         self._draining_since = None
         self._start_began = trio.current_time()
@@ -722,6 +742,7 @@ class Supervisor:
     def _begin_stop(self) -> None:
         assert self._nursery is not None and self.proc is not None
         self.stats["swaps"] += 1
+        self._swap = {"from": self.proc.name, "began": trio.current_time()}
         self._transition(State.STOPPING)
         self._draining_since = None
         self._publish("stopping", profile=self.proc.name)

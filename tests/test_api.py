@@ -424,3 +424,18 @@ async def test_second_load_shows_an_eta(tmp_path: Path) -> None:
         reasoning = "".join(d["choices"][0]["delta"].get("reasoning_content") or ""
                             for d in data[:-1])
         assert "% (ready in ~" in reasoning
+
+
+async def test_status_page_is_served_open_and_safe(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWAPD_TEST_KEY", "k")
+    async with swapd(tmp_path, security={"api_key_env": "SWAPD_TEST_KEY"}) as (_r, client):
+        for path in ("/", "/ui/", "/ui/index.html"):
+            page = await client.get(path)
+            assert page.status_code == 200, path
+            assert page.headers["content-type"] == "text/html; charset=utf-8"
+        for path in ("/ui/..%2Fapp.py", "/ui/nope.js", "/ui/.hidden.html"):
+            assert (await client.get(path)).status_code == 404, path
+        assert (await client.get("/swapd/status")).status_code == 401  # data needs the key
+        status = (await client.get("/swapd/status", headers={"x-api-key": "k"})).json()
+        assert status["history"] == [] and status["requests"] == {}

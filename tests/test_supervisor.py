@@ -534,3 +534,23 @@ async def test_reload_removing_the_active_profile_unloads_it_when_idle(
         await trio.sleep(1)
         assert sup.state is State.IDLE
         await sup.shutdown()
+
+
+async def test_history_records_stop_load_and_total(tmp_path: Path,
+                                                   autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=2.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        await use(sup, "b")
+        launcher.failing["c"] = 1
+        with pytest.raises(LocalFailed):
+            await use(sup, "c")
+        first, swap, failed = sup.history
+        assert (first["from"], first["to"], first["result"]) == (None, "a", "ok")
+        assert first["load_seconds"] == pytest.approx(2.0) and first["stop_seconds"] == 0
+        assert (swap["from"], swap["to"]) == ("a", "b")
+        assert swap["stop_seconds"] == pytest.approx(0.01, abs=0.005)
+        assert swap["total_seconds"] == pytest.approx(swap["stop_seconds"] + 2.0)
+        assert (failed["to"], failed["result"]) == ("c", "failed")
+        await sup.shutdown()
