@@ -607,6 +607,15 @@ class Security:
 
 
 @attrs.frozen
+class Cache:
+    """Warm return: llama-server's slot KV caches saved before a swap, restored after."""
+
+    keep: bool = False  # the default for profiles that don't set keep_cache
+    budget: PositiveBytes = 20 * 2**30
+    min_tokens: Count = 256  # smaller prompts are cheaper to process again than to save
+
+
+@attrs.frozen
 class Profile:
     """One model the clients may ask for; ``name`` is its key under ``profiles``."""
 
@@ -618,6 +627,7 @@ class Profile:
     env: Env = attrs.field(default=FrozenDict(), converter=_freeze_env)
     flags: Flags = attrs.field(default=FrozenDict(), converter=_freeze_flags)
     description: str | None = None
+    keep_cache: bool | None = None  # None: cache.keep
 
     @property
     def label(self) -> str:
@@ -668,6 +678,7 @@ class Config:
     progress: Progress = attrs.field(factory=Progress)
     logs: Logs = attrs.field(factory=Logs)
     security: Security = attrs.field(factory=Security)
+    cache: Cache = attrs.field(factory=Cache)
     profiles: Mapping[str, Profile] = attrs.field(converter=_freeze_profiles)
     fallbacks: tuple[Fallback, ...] = attrs.field(default=(), converter=_fallback_tuple)
 

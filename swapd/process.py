@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 READY_HINTS = (b"model loaded", b"listening on", b"server is listening")
 """Substrings of llama-server's stderr that make a /health poll worth doing at once."""
+
+PROMPT_TIMING = re.compile(rb"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+"""llama-server's per-request timing line; swapd learns each model's prompt speed from it."""
 
 TAIL_LINES = 40
 """Lines of the child's own output kept for error messages (exit code + stderr tail)."""
@@ -170,6 +174,8 @@ class LlamaProcess:
         self.started_at = trio.current_time()
         self.ready_at: float | None = None
         self.exit_code: int | None = None
+        self.prompt_tps: float | None = None
+        """Prompt tokens per second, from the child's own timing lines (None until seen)."""
         self.exited = trio.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.client = httpx.AsyncClient(
@@ -228,12 +234,22 @@ class LlamaProcess:
                         self._log_sink.write(lines)
                     if self.ready_at is None and any(h in data for h in READY_HINTS):
                         self._wake.set()
+                    elif b"prompt eval time" in data:
+                        self._learn_prompt_speed(data)
             if pending.strip():
                 line = pending.decode(errors="replace")
                 self.tail.append(line)
                 if self._log_sink is not None:
                     self._log_sink.write([line])
         self._output_done.set()
+
+    def _learn_prompt_speed(self, data: bytes) -> None:
+        for match in PROMPT_TIMING.finditer(data):
+            ms, tokens = float(match[1]), int(match[2])
+            if tokens >= 64 and ms > 0:  # short prompts are mostly overhead
+                tps = 1000 * tokens / ms
+                self.prompt_tps = tps if self.prompt_tps is None else (
+                    0.7 * self.prompt_tps + 0.3 * tps)
 
     async def _reap(self) -> None:
         await self.wait_exit()
@@ -425,7 +441,8 @@ async def reap_leftover(path: Path, grace: float) -> int | None:
     return pid
 
 
-def launch(config: Config, profile: Profile, log_sink: ChildLog | None) -> LlamaProcess:
+def launch(config: Config, profile: Profile, log_sink: ChildLog | None,
+           extra_argv: Sequence[str] = ()) -> LlamaProcess:
     """Spawn ``profile``'s llama-server on the configured (or a free) loopback port."""
     host = config.llama_server.host
     port = config.llama_server.port
@@ -434,7 +451,8 @@ def launch(config: Config, profile: Profile, log_sink: ChildLog | None) -> Llama
     elif port_in_use(host, port):
         raise StartFailed(profile.name, f"port {port} on {host} is in use by another "
                           "process (llama_server.port); stop it or use port: auto")
-    return spawn(profile.name, build_argv(config, profile, port), host=host, port=port,
+    return spawn(profile.name, [*build_argv(config, profile, port), *extra_argv],
+                 host=host, port=port,
                  env={**config.llama_server.env, **profile.env}, log_sink=log_sink,
                  pidfile=config.state_dir / PIDFILE)
 

@@ -69,6 +69,8 @@ def describe(status: dict[str, Any], profile: str) -> str:
     """One progress line from the supervisor's status, as seen by a request for ``profile``."""
     state = status["state"]
     active = status["active"]
+    if active == profile and status.get("phase"):
+        return str(status["phase"])
     if active == profile and state == "starting":
         elapsed = status.get("load_elapsed") or 0.0
         expected = status.get("load_expected")

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from .errors import (
     StartError,
     UnknownModel,
 )
+from .slotcache import SLOT_TIMEOUT, SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,13 @@ class StartDone:
 
 
 @attrs.frozen
+class Phase:
+    """A start or stop task says what it is doing now (for progress messages)."""
+
+    text: str | None
+
+
+@attrs.frozen
 class Stopped:
     proc: process.LlamaProcess
 
@@ -170,11 +178,12 @@ class Exited:
     proc: process.LlamaProcess
 
 
-Launcher = Callable[[Config, Profile, "process.ChildLog | None"], process.LlamaProcess]
+Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
+                    process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
-Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | StartDone | Stopped
-           | Exited)
+Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | StartDone | Phase
+           | Stopped | Exited)
 
 
 @attrs.frozen
@@ -204,6 +213,9 @@ class Supervisor:
         self.load_seconds: dict[str, float] = _read_load_times(config)
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
         self.health: dict[str, ProfileHealth] = {}
+        self.slots = SlotCache(config.state_dir / "slots", config)
+        self.phase: str | None = None
+        """What the running start or stop is doing, when it is more than starting."""
         self.history: deque[dict[str, Any]] = deque(maxlen=50)
         """The last loads: from, to, stop/load/total seconds, result (status, the UI)."""
         self._swap: dict[str, Any] = {}
@@ -352,6 +364,8 @@ class Supervisor:
             "load_seconds": dict(self.load_seconds),
             "circuits": self.circuits(),
             "history": list(self.history),
+            "phase": self.phase,
+            "cache": self.slots.status(),
             **self.stats,
         }
 
@@ -385,8 +399,13 @@ class Supervisor:
             case Reload(config, reply):
                 reply.send_nowait(self._on_reload(config))
             case StartDone(profile, proc, error):
+                self.phase = None
                 self._on_start_done(profile, proc, error)
+            case Phase(text):
+                self.phase = text
+                self._publish("phase", text=text)
             case Stopped(proc):
+                self.phase = None
                 if proc is self.proc:
                     self._swap["stopped"] = trio.current_time()
                     self.proc = None
@@ -447,7 +466,7 @@ class Supervisor:
             if proc is not None and proc.alive:  # it won the race: stop it like any other
                 assert self._nursery is not None
                 self.proc = proc
-                self._nursery.start_soon(self._run_stop, proc)
+                self._nursery.start_soon(self._run_stop, proc, None)
                 return
             self.proc = None
             self.active = None
@@ -493,6 +512,7 @@ class Supervisor:
         changed = [n for n in new.profiles if n in old.profiles
                    and (old.profiles[n] != new.profiles[n] or not same_server)]
         self.config = new
+        self.slots.config = new
         for name in removed + changed:
             self.health.pop(name, None)  # a fixed profile deserves a fresh start
             self.load_seconds.pop(name, None)
@@ -746,7 +766,7 @@ class Supervisor:
         self._transition(State.STOPPING)
         self._draining_since = None
         self._publish("stopping", profile=self.proc.name)
-        self._nursery.start_soon(self._run_stop, self.proc)
+        self._nursery.start_soon(self._run_stop, self.proc, self.active)
 
     def _cancel_start(self) -> None:
         if self._start_scope is not None:
@@ -776,18 +796,29 @@ class Supervisor:
         error: StartError | None = None
         with scope:
             try:
-                proc = self._launch(self.config, profile, self.child_log)
+                proc = self._launch(self.config, profile, self.child_log,
+                                    self.slots.argv(profile))
                 assert self._nursery is not None
                 self._nursery.start_soon(self._watch, proc)
                 await proc.wait_ready(timeouts.start, timeouts.health_interval)
+                slots, size = self.slots.restorable(profile)
+                if slots:
+                    await self._post_shielded(Phase(
+                        f"restoring {profile.name}'s prompt cache, {size / 1e6:.1f} MB"))
+                    with trio.move_on_after(SLOT_TIMEOUT):
+                        await self.slots.restore(proc, profile)
             except StartError as failure:
                 error = failure
         if (error is not None or scope.cancelled_caught) and proc is not None:
             await proc.stop(timeouts.stop)
         await self._post_shielded(StartDone(profile, proc, error))
 
-    async def _run_stop(self, proc: process.LlamaProcess) -> None:
+    async def _run_stop(self, proc: process.LlamaProcess, profile: Profile | None) -> None:
         started = trio.current_time()
+        if profile is not None and proc.alive and self.slots.keeps(profile):
+            await self._post_shielded(Phase(f"saving {profile.name}'s prompt cache"))
+            with trio.move_on_after(SLOT_TIMEOUT):
+                await self.slots.save(proc, profile)
         await proc.stop(self.config.timeouts.stop)
         log.info("stopped %s in %.0f ms (exit code %s)", proc.name,
                  1000 * (trio.current_time() - started), proc.exit_code)

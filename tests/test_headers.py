@@ -29,7 +29,8 @@ async def test_credentials_and_hop_by_hop_headers_do_not_cross(tmp_path: Path,
             "connection": "keep-alive", "x-child": "yes"})
 
     class MockLauncher(FakeLauncher):
-        def __call__(self, config: Config, profile: Profile, log: Any) -> FakeProc:
+        def __call__(self, config: Config, profile: Profile, log: Any,
+                     extra_argv: Any = ()) -> FakeProc:
             proc = super().__call__(config, profile, log)
             proc.client = httpx.AsyncClient(  # type: ignore[attr-defined]
                 transport=httpx.MockTransport(child), base_url="http://child")

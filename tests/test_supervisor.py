@@ -86,7 +86,8 @@ class FakeLauncher:
         self.launched: list[FakeProc] = []
         self.failing: dict[str, int] = {}
 
-    def __call__(self, config: Config, profile: Profile, log: Any) -> FakeProc:
+    def __call__(self, config: Config, profile: Profile, log: Any,
+                 extra_argv: Any = ()) -> FakeProc:
         proc = FakeProc(profile, self.load_time, self.failing.get(profile.name))
         self.launched.append(proc)
         return proc
