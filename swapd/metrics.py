@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .supervisor import State, Supervisor
@@ -103,7 +103,7 @@ class _LiveState(Collector):
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         sup = self.supervisor
         state = GaugeMetricFamily("swapd_state", "1 for the supervisor's current state",
                                   labels=["state"])
@@ -127,3 +127,14 @@ class _LiveState(Collector):
         for name, info in sup.circuits().items():
             circuit.add_metric([name], {"open": 1.0, "half_open": 0.5}.get(info["state"], 0))
         yield circuit
+        cache = sup.slots.stats
+        for key, help_text in (
+                ("restores", "Prompt-cache slots restored after a load (warm returns)"),
+                ("saves", "Prompt-cache slots saved before a stop"),
+                ("bytes_saved", "Bytes of prompt cache written"),
+                ("bytes_restored", "Bytes of prompt cache read back"),
+                ("tokens_restored", "Prompt tokens restored instead of processed again"),
+                ("seconds_saved", "Prompt processing time warm returns avoided"),
+                ("skipped", "Slot saves skipped as not worth it"),
+                ("rejected", "Restores llama-server rejected")):
+            yield CounterMetricFamily(f"swapd_cache_{key}", help_text, value=cache[key])

@@ -349,6 +349,7 @@ async def test_metrics_count_requests_swaps_and_live_state(tmp_path: Path) -> No
     assert 'swapd_load_duration_seconds_count{profile="a"} 1.0' in lines
     assert any(line.startswith('swapd_time_to_first_byte_seconds_count{model="b"}')
                for line in lines)
+    assert "swapd_cache_restores_total 0.0" in lines
 
 
 async def test_reload_by_diff_keeps_the_running_model(tmp_path: Path) -> None:
