@@ -35,6 +35,7 @@ import trio
 from .config import Config, Profile
 from .errors import StartFailed, StartTimeout
 from .flags import build_argv
+from .upstream import ChildPool
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class LlamaProcess:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
                                 keepalive_expiry=4.0),
         )
+        self.pool = ChildPool(host, port)  # the inference hot path (upstream.py says why)
         self._popen = popen
         self._log_sink = log_sink
         self.pidfile = pidfile
@@ -343,6 +345,7 @@ class LlamaProcess:
         shutdown cannot hang on it: at most ``grace`` plus a few seconds.
         """
         with trio.CancelScope(shield=True):
+            await self.pool.aclose()
             with trio.move_on_after(1.0):
                 await self.client.aclose()
             if self.alive:

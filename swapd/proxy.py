@@ -29,6 +29,7 @@ from .errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel
 from .fallback import RETRY_NEXT, FallbackChain, describe
 from .metrics import Metrics
 from .supervisor import Lease, Supervisor
+from .upstream import ChildResponse, HttpxResponse, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +177,14 @@ class InferenceProxy:
                               retry_after=lease.retry_after)
             return
         try:
-            request = lease.proc.client.build_request(
-                ex.scope["method"], _target(ex.scope), content=ex.body,
-                headers=forwardable(ex.scope["headers"], _DROP_REQUEST))
             failure: str | None = None
             with lease.scope:
                 try:
-                    response = await lease.proc.client.send(request, stream=True)
-                except httpx.HTTPError as error:
-                    failure = f"model {lease.profile.name!r} did not answer: {error!r}"
+                    response = await lease.proc.pool.request(
+                        ex.scope["method"], _target(ex.scope),
+                        forwardable(ex.scope["headers"], _DROP_REQUEST), ex.body)
+                except UpstreamError as error:
+                    failure = f"model {lease.profile.name!r} did not answer: {error}"
                 else:
                     failure = await ex.relay(response, lease.profile.name)
             if lease.scope.cancelled_caught:
@@ -237,8 +237,8 @@ class InferenceProxy:
                 self.metrics.fallback.labels(fallback.name, "unavailable").inc()
                 continue
             try:
-                response = await self.fallbacks.open_response(fallback, ex.scope["path"],
-                                                              ex.payload)
+                response = HttpxResponse(await self.fallbacks.open_response(
+                    fallback, ex.scope["path"], ex.payload))
             except httpx.HTTPError as error:
                 problem = f"{type(error).__name__}: {error}"
                 self.fallbacks.mark_down(fallback, problem)
@@ -283,30 +283,33 @@ class _Exchange:
                          "headers": list(headers)})
         self.headers_sent = True
 
-    async def body_part(self, data: bytes) -> None:
-        if self.first_byte is None:
+    async def body_part(self, data: bytes, more: bool = True) -> None:
+        if self.first_byte is None and data:
             self.first_byte = trio.current_time()
-        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
 
-    async def relay(self, response: httpx.Response, label: str) -> str | None:
+    async def relay(self, response: ChildResponse | HttpxResponse, label: str) -> str | None:
         """Pipe an upstream's answer as it comes; return what went wrong, if anything."""
         failure: str | None = None
         try:
             if not self.headers_sent:
                 await self.start(response.status_code,
-                                 forwardable(response.headers.raw, _DROP_RESPONSE))
+                                 forwardable(response.raw_headers, _DROP_RESPONSE))
             elif response.status_code != 200:  # our 200 is out: say it in-band
                 text = (await response.aread()).decode(errors="replace")
                 return f"{label} answered {response.status_code}: {text[:500]}"
+            # One chunk is held back so the last goes out with the end of the body:
+            # one send fewer per answer.
+            held: bytes | None = None
             async for chunk in response.aiter_raw():
-                await self.body_part(chunk)
-        except httpx.HTTPError as error:
-            failure = f"{label} stopped answering: {error!r}"
+                if held is not None:
+                    await self.body_part(held)
+                held = chunk
+            await self.body_part(held or b"", more=False)
+        except UpstreamError as error:
+            failure = f"{label} stopped answering: {error}"
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await response.aclose()
-        if failure is None:
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await response.aclose()
         return failure
 
     async def fail(self, status: int, message: str, type_: str, code: str,

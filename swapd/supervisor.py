@@ -279,14 +279,14 @@ class Supervisor:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ShuttingDown() from None
         try:
-            with trio.fail_after(wait):
+            with trio.move_on_after(wait) as timer:
                 result = await reply_receive.receive()
-        except trio.TooSlowError:
-            await self._post_shielded(Withdraw(waiter))
-            raise QueueTimeout(waiter.profile or "?", wait) from None
         except BaseException:
             await self._post_shielded(Withdraw(waiter))
             raise
+        if timer.cancelled_caught:
+            await self._post_shielded(Withdraw(waiter))
+            raise QueueTimeout(waiter.profile or "?", wait)
         if isinstance(result, LeaseError):
             raise result
         return result
@@ -832,6 +832,13 @@ class Supervisor:
 
     async def _post_shielded(self, message: Message) -> None:
         """Send from cleanup paths: shielded so it happens, bounded so it cannot hang."""
+        try:
+            self._send.send_nowait(message)  # the usual case: room in the channel
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
         with (trio.CancelScope(shield=True), trio.move_on_after(5),
               contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)):
             await self._send.send(message)

@@ -1,0 +1,131 @@
+"""The hot-path HTTP/1.1 client against a small real server on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import h11
+import pytest
+import trio
+
+from swapd.upstream import ChildPool, UpstreamError
+
+
+class Server:
+    """Answers each request with ``chunks`` pieces; counts connections and requests."""
+
+    def __init__(self, chunks: int = 1, close_after: int | None = None) -> None:
+        self.chunks = chunks
+        self.close_after = close_after  # requests per connection, then close it
+        self.connections = 0
+        self.requests: list[h11.Request] = []
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        served = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                self.requests.append(event)
+            elif isinstance(event, h11.EndOfMessage):
+                served += 1
+                out = conn.send(h11.Response(status_code=200, headers=[
+                    ("transfer-encoding", "chunked")])) or b""
+                for i in range(self.chunks):
+                    out += conn.send(h11.Data(data=f"chunk{i};".encode())) or b""
+                out += conn.send(h11.EndOfMessage()) or b""
+                await stream.send_all(out)
+                if self.close_after is not None and served >= self.close_after:
+                    await stream.aclose()
+                    return
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+
+@asynccontextmanager
+async def serving(server: Server) -> AsyncIterator[int]:
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, server.handle, 0,
+                                                  host="127.0.0.1"))
+        yield listener.socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def ask(pool: ChildPool, body: bytes = b"{}") -> bytes:
+    response = await pool.request(b"POST", b"/v1/x", [(b"content-type", b"a/b")], body)
+    try:
+        assert response.status_code == 200
+        return await response.aread()
+    finally:
+        await response.aclose()
+
+
+async def test_connections_are_kept_alive_and_reused() -> None:
+    server = Server(chunks=3)
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port)
+        for _ in range(5):
+            assert await ask(pool) == b"chunk0;chunk1;chunk2;"
+        assert server.connections == 1
+        request = server.requests[0]
+        headers = dict(request.headers)
+        assert headers[b"host"] == f"127.0.0.1:{port}".encode()
+        assert headers[b"content-length"] == b"2"
+        await pool.aclose()
+
+
+async def test_a_connection_closed_while_idle_is_retried_on_a_fresh_one() -> None:
+    server = Server(close_after=1)  # like llama-server's "Keep-Alive: max=..."
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port)
+        for _ in range(3):
+            assert await ask(pool) == b"chunk0;"
+        assert server.connections == 3
+        assert len(server.requests) == 3  # each request was sent exactly once
+        await pool.aclose()
+
+
+async def test_a_half_read_answer_is_not_reused() -> None:
+    server = Server(chunks=50)
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port)
+        response = await pool.request(b"POST", b"/", [], b"")
+        async for _chunk in response.aiter_raw():
+            break  # the client went away mid-answer
+        await response.aclose()
+        assert await ask(pool) == b"".join(f"chunk{i};".encode() for i in range(50))
+        assert server.connections == 2
+        await pool.aclose()
+
+
+async def test_idle_connections_expire(mock_clock: Any) -> None:
+    server = Server()
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port, keepalive_expiry=4.0)
+        await ask(pool)
+        mock_clock.jump(3)
+        await ask(pool)
+        assert server.connections == 1
+        mock_clock.jump(5)  # longer than llama-server keeps an idle connection
+        await ask(pool)
+        assert server.connections == 2
+        await pool.aclose()
+
+
+async def test_nothing_listening_is_an_upstream_error() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pool = ChildPool("127.0.0.1", port)
+    with pytest.raises(UpstreamError, match=f"cannot connect to 127.0.0.1:{port}"):
+        await ask(pool)
