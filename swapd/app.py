@@ -87,6 +87,19 @@ class Frontend:
                 return self.catalog.get(resolved.name)
         return None
 
+    def memory(self, entry: ModelEntry) -> dict[str, Any] | None:
+        """The profile's VRAM estimate, with a verdict when the GPU memory is known."""
+        estimate = entry.estimate
+        if estimate is None:
+            return None
+        if not estimate.sized:
+            return {"problem": estimate.problem}
+        gpu = self.config.memory.gpu
+        return {"weights": estimate.weights, "kv_cache": estimate.kv_cache,
+                "compute": estimate.compute, "runtime": estimate.runtime,
+                "total": estimate.total, "gpu": gpu,
+                "fits": estimate.fits(gpu) if gpu else None}
+
     def status_of(self, name: str) -> str:
         sup = self.supervisor
         if sup.active is None or sup.active.name != name:
@@ -187,6 +200,7 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
             "max_model_len": entry.context_length,
             "status": fe.status_of(entry.name),
             "meta": {"n_ctx": entry.context_length, "size": entry.file_size},
+            "memory": fe.memory(entry),
         }
 
     async def list_models() -> Response:
@@ -351,7 +365,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
             "fallbacks": fe.fallbacks.status(),
             "profiles": {name: {"status": fe.status_of(name),
                                 "context_length": e.context_length,
-                                "aliases": list(e.profile.aliases)}
+                                "aliases": list(e.profile.aliases),
+                                "memory": fe.memory(e)}
                          for name, e in fe.catalog.items()},
         })
 

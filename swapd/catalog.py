@@ -14,6 +14,7 @@ import os
 import attrs
 
 from .config import Config, Profile
+from .estimate import Estimate, LayoutCache, estimate_profile
 from .ggufmeta import GGUFError, read_info
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class ModelEntry:
     file_size: int
     modified: float
     model_name: str | None
+    estimate: Estimate | None = None
 
     @property
     def name(self) -> str:
@@ -37,10 +39,11 @@ class ModelEntry:
 
 
 def build_catalog(config: Config) -> dict[str, ModelEntry]:
-    return {name: _entry(profile) for name, profile in config.profiles.items()}
+    layouts = LayoutCache()  # profiles sharing a GGUF read its header once
+    return {name: _entry(profile, layouts) for name, profile in config.profiles.items()}
 
 
-def _entry(profile: Profile) -> ModelEntry:
+def _entry(profile: Profile, layouts: LayoutCache) -> ModelEntry:
     architecture, ctx_train, size, modified, model_name = "llama", None, 0, 0.0, None
     try:
         info = read_info(profile.model)
@@ -58,4 +61,5 @@ def _entry(profile: Profile) -> ModelEntry:
         file_size=size,
         modified=modified,
         model_name=model_name,
+        estimate=estimate_profile(profile, cache=layouts),
     )

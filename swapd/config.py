@@ -607,6 +607,14 @@ class Security:
 
 
 @attrs.frozen
+class Memory:
+    """GPU memory, for the per-profile estimate's verdict and the optional swap guard."""
+
+    gpu: PositiveBytes | None = None  # None: what nvidia-smi reports, if anything
+    guard: bool = False  # refuse to start a profile whose estimate does not fit
+
+
+@attrs.frozen
 class Cache:
     """Warm return: llama-server's slot KV caches saved before a swap, restored after."""
 
@@ -679,6 +687,7 @@ class Config:
     logs: Logs = attrs.field(factory=Logs)
     security: Security = attrs.field(factory=Security)
     cache: Cache = attrs.field(factory=Cache)
+    memory: Memory = attrs.field(factory=Memory)
     profiles: Mapping[str, Profile] = attrs.field(converter=_freeze_profiles)
     fallbacks: tuple[Fallback, ...] = attrs.field(default=(), converter=_fallback_tuple)
 

@@ -46,8 +46,10 @@ from .errors import (
     QueueTimeout,
     ShuttingDown,
     StartError,
+    StartFailed,
     UnknownModel,
 )
+from .estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
 from .slotcache import SLOT_TIMEOUT, SlotCache
 
 log = logging.getLogger(__name__)
@@ -235,6 +237,7 @@ class Supervisor:
         self._unload_requested = False
         self._shutting_down = False
         self._nursery: trio.Nursery | None = None
+        self._detected_gpu: int | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -243,6 +246,11 @@ class Supervisor:
         self._idle_since = trio.current_time()
         await process.reap_leftover(self.config.state_dir / process.PIDFILE,
                                     self.config.timeouts.stop)
+        if self.config.memory.guard and self.config.memory.gpu is None:
+            self._detected_gpu = await trio.to_thread.run_sync(detect_gpu_memory)
+            if self._detected_gpu is None:
+                log.warning("memory.guard is on but the GPU memory is unknown (no nvidia-smi);"
+                            " set memory.gpu")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -796,6 +804,7 @@ class Supervisor:
         error: StartError | None = None
         with scope:
             try:
+                await self._check_fits(profile)
                 proc = self._launch(self.config, profile, self.child_log,
                                     self.slots.argv(profile))
                 assert self._nursery is not None
@@ -812,6 +821,19 @@ class Supervisor:
         if (error is not None or scope.cancelled_caught) and proc is not None:
             await proc.stop(timeouts.stop)
         await self._post_shielded(StartDone(profile, proc, error))
+
+    async def _check_fits(self, profile: Profile) -> None:
+        """memory.guard: refuse a start whose estimate exceeds the GPU, with a fix."""
+        gpu = self.config.memory.gpu or self._detected_gpu
+        if not self.config.memory.guard or gpu is None:
+            return
+        estimate = await trio.to_thread.run_sync(estimate_profile, profile)
+        if estimate.fits(gpu) is not False:
+            return  # fits, or cannot be sized: never block on a guess
+        fix = suggest_fix(estimate, gpu)
+        raise StartFailed(profile.name, f"its estimated {format_bytes(estimate.total)} does "
+                          f"not fit in {format_bytes(gpu)} of GPU memory (memory.guard)"
+                          + (f"; to fit: {fix.text}" if fix else ""))
 
     async def _run_stop(self, proc: process.LlamaProcess, profile: Profile | None) -> None:
         started = trio.current_time()

@@ -30,6 +30,7 @@ from swapd.errors import (
     UnknownModel,
 )
 from swapd.supervisor import IllegalTransition, State, Supervisor
+from tests.support.tiny_gguf import write_tiny_llama
 
 _pids = itertools.count(1000)
 
@@ -554,4 +555,22 @@ async def test_history_records_stop_load_and_total(tmp_path: Path,
         assert swap["stop_seconds"] == pytest.approx(0.01, abs=0.005)
         assert swap["total_seconds"] == pytest.approx(swap["stop_seconds"] + 2.0)
         assert (failed["to"], failed["result"]) == ("c", "failed")
+        await sup.shutdown()
+
+
+async def test_memory_guard_refuses_a_start_that_cannot_fit(tmp_path: Path) -> None:
+    write_tiny_llama(tmp_path / "a.gguf", n_layers=2, n_embd=64, context_length=4096)
+    config = parse_config(f"""
+state_dir: {tmp_path}
+memory: {{gpu: 1MiB, guard: true}}
+profiles:
+  a: {{model: a.gguf, flags: {{ctx-size: 4096}}}}
+""", base_dir=tmp_path)
+    launcher = FakeLauncher(load_time=0.1)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        with pytest.raises(LocalFailed, match=r"does not fit in 1\.0+ MiB of GPU memory "
+                                              r"\(memory\.guard\)"):
+            await sup.acquire("a")
+        assert launcher.launched == []  # nothing was spawned
         await sup.shutdown()
