@@ -1,0 +1,268 @@
+"""The status page in a real headless browser, against swapd with fake llama-server children.
+
+Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) driven by
+selenium, which is pointed at those binaries and never downloads a driver. swapd runs
+in-process on a free loopback port; the blocking WebDriver calls run in a worker thread
+so the server keeps serving meanwhile. Every wait is a deadline, not a measurement.
+
+Screenshots (loading, ready, failed, phone-sized, dark) go to ``$SWAPD_UI_ARTIFACTS``
+when it is set, else to the test's tmp path, for people to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import trio
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from swapd.config import parse_config
+from swapd.serve import open_server
+from tests.conftest import FAKE_LLAMA_SERVER
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=1280,900")
+WAIT_S = 15.0
+"""Deadline for anything the page should show (it reacts within ~100 ms here)."""
+
+ADMIN_KEY = "ui-test-admin-key"
+SLOW = "qwen3-27b"  # loads in 1.5 s
+BROKEN = "llama-70b"  # exits at start: no GPU memory
+OOM = "CUDA error: out of memory"
+
+T = TypeVar("T")
+
+
+def ui_config(tmp_path: Path) -> str:
+    config = {
+        "listen": "127.0.0.1:0",
+        "state_dir": str(tmp_path / "state"),
+        "llama_server": {"command": [sys.executable, str(FAKE_LLAMA_SERVER)]},
+        "timeouts": {"start": "20s", "stop": "5s"},
+        "security": {"admin_key_env": "SWAPD_UI_TEST_ADMIN_KEY"},
+        "profiles": {
+            SLOW: {"model": "qwen.gguf", "display_name": "Qwen3 27B (balanced)",
+                   "aliases": ["qwen"], "flags": {"ctx-size": 65536, "fake-load-ms": 1500}},
+            BROKEN: {"model": "llama.gguf", "display_name": "Llama 3.3 70B",
+                     "aliases": ["llama"],
+                     "flags": {"ctx-size": 131072, "fake-exit-at-start": 1,
+                               "fake-stderr": OOM}},
+            "embed-small": {"model": "embed.gguf", "display_name": "Nomic embed (small)",
+                            "flags": {"ctx-size": 8192}},
+        },
+        # Never contacted: nothing here asks for a fallback.
+        "fallbacks": [{"name": "lxc", "base_url": "http://127.0.0.1:9/v1",
+                       "model": "fallback-slm"}],
+    }
+    return json.dumps(config)  # JSON is YAML
+
+
+def start_chromium(profile_dir: Path) -> WebDriver:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found: install Debian's chromium and "
+                    "chromium-driver (apt-get install chromium chromium-driver; .ci/run "
+                    "does this)", pytrace=False)
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+
+
+@asynccontextmanager
+async def open_browser(profile_dir: Path) -> AsyncIterator[WebDriver]:
+    """Headless Chromium through Debian's chromedriver; both are gone when this exits."""
+    driver = await trio.to_thread.run_sync(start_chromium, profile_dir)
+    try:
+        yield driver
+    finally:
+        with trio.CancelScope(shield=True):  # quit() bounds itself (WebDriver timeouts)
+            await trio.to_thread.run_sync(driver.quit)  # chromium, then chromedriver
+
+
+def wait_for(driver: WebDriver, what: str, check: Callable[[WebDriver], T]) -> T:
+    def attempt(d: WebDriver) -> T | None:
+        try:
+            return check(d)
+        except StaleElementReferenceException:  # re-rendered between find and read
+            return None
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(
+        attempt, f"the page never showed {what}")  # type: ignore[no-any-return]
+
+
+def card(driver: WebDriver, profile: str) -> Any:
+    return driver.find_element(By.CSS_SELECTOR, f'li.profile[data-profile="{profile}"]')
+
+
+def card_shows(profile: str, state: str, pill_start: str) -> Callable[[WebDriver], bool]:
+    def check(driver: WebDriver) -> bool:
+        element = card(driver, profile)
+        return (element.get_attribute("data-state") == state
+                and element.find_element(By.CSS_SELECTOR, ".pill").text.startswith(pill_start))
+    return check
+
+
+def click_button(driver: WebDriver, profile: str, action: str) -> None:
+    card(driver, profile).find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]').click()
+
+
+def screenshot(driver: WebDriver, path: Path) -> None:
+    """The whole page, not just the viewport."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("SWAPD_UI_ARTIFACTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def enter_key(driver: WebDriver, shots: Path) -> None:
+    """The page asks for the admin key once, for all its calls, and keeps it."""
+    dialog = wait_for(driver, "the key dialog",
+                      lambda d: d.find_element(By.ID, "key-dialog").get_attribute("open")
+                      is not None and d.find_element(By.ID, "key-dialog"))
+    assert len(driver.find_elements(By.CSS_SELECTOR, "dialog[open]")) == 1
+    screenshot(driver, shots / "0-key.png")
+    dialog.find_element(By.ID, "key-input").send_keys(ADMIN_KEY)
+    dialog.find_element(By.CSS_SELECTOR, 'button[value="ok"]').click()
+    assert driver.execute_script("return localStorage.getItem('swapd.key')") == ADMIN_KEY
+
+
+def loading_shown(driver: WebDriver) -> bool:
+    """Card, badge and progress all say "loading" at once (the load lasts 1.5 s)."""
+    element = card(driver, SLOW)
+    pill = element.find_element(By.CSS_SELECTOR, ".pill").text
+    progress = driver.find_element(By.CSS_SELECTOR, "#now .progress-text").text
+    return (element.get_attribute("data-state") == "starting"
+            and re.fullmatch(r"loading \d+ %", pill) is not None
+            and driver.find_element(By.ID, "state-badge").text.lower() == "starting"
+            and re.match(r"\d+ % · (ready in ~|any moment)", progress) is not None)
+
+
+def check_loading(driver: WebDriver, shots: Path) -> None:
+    click_button(driver, SLOW, "load")
+    # The remembered load time (1.5 s) gives a percentage and an ETA from the first load.
+    wait_for(driver, f"{SLOW} loading with a percentage and an ETA", loading_shown)
+    screenshot(driver, shots / "1-loading.png")
+
+
+def check_ready(driver: WebDriver, shots: Path) -> None:
+    wait_for(driver, f"{SLOW} ready", card_shows(SLOW, "ready", "ready"))
+    wait_for(driver, "the state badge at ready",
+             lambda d: d.find_element(By.ID, "state-badge").text.lower() == "ready")
+    assert driver.find_element(By.ID, "now-model").text == "Qwen3 27B (balanced)"
+    assert driver.find_element(By.ID, "stat-pid").text.isdigit()
+    wait_for(driver, "the load in the swap history",
+             lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history-chart li")) == 1)
+    screenshot(driver, shots / "2-ready.png")
+
+
+def check_failed(driver: WebDriver, shots: Path) -> None:
+    click_button(driver, BROKEN, "load")
+    wait_for(driver, f"{BROKEN} failed", card_shows(BROKEN, "failed", "failed"))
+    failure = wait_for(driver, "the failure with its stderr",
+                       lambda d: OOM in d.find_element(By.ID, "failure").text
+                       and d.find_element(By.ID, "failure"))
+    assert failure.is_displayed()
+    assert failure.find_element(By.ID, "failure-code").text == "exit code 1"
+    assert "exit code 1" in card(driver, BROKEN).find_element(By.CSS_SELECTOR, ".profile-note").text
+    wait_for(driver, "the stderr line highlighted in the log",
+             lambda d: any(OOM in line.text for line in
+                           d.find_elements(By.CSS_SELECTOR, "#log .ln.tail")))
+    # The swap away from qwen and the failed load, with their durations.
+    wait_for(driver, "two swaps in the history",
+             lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history-chart li")) == 2)
+    assert driver.find_element(By.CSS_SELECTOR, "#history-chart li .value.fail").text.startswith(
+        "failed after ")
+    # Requests per model: the chat requests sent while qwen was ready.
+    wait_for(driver, "requests per model",
+             lambda d: "3" in d.find_element(By.ID, "requests-chart").text)
+    screenshot(driver, shots / "3-failed.png")
+
+
+def check_phone_and_dark(driver: WebDriver, shots: Path) -> None:
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    wait_for(driver, "the page laid out for a phone without sideways scrolling",
+             lambda d: d.execute_script(
+                 "return document.documentElement.scrollWidth <= window.innerWidth"))
+    screenshot(driver, shots / "4-phone.png")
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+        "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    wait_for(driver, "dark colours", lambda d: d.execute_script(
+        "return getComputedStyle(document.body).backgroundColor") == "rgb(13, 15, 20)")
+    screenshot(driver, shots / "5-dark.png")
+
+
+def check_accessible_basics(driver: WebDriver) -> None:
+    for button in driver.find_elements(By.TAG_NAME, "button"):
+        if button.is_displayed():
+            assert button.text.strip() or button.get_attribute("aria-label"), button
+    assert driver.find_element(By.CSS_SELECTOR, "label[for='key-input']")
+    assert not driver.find_elements(By.CSS_SELECTOR, "[onclick], div[role='button']")
+
+
+async def test_status_page_loads_a_model_and_shows_a_failure(
+        tmp_path: Path, artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWAPD_UI_TEST_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must never fetch a driver
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "load_times.json").write_text(json.dumps({SLOW: 1.5}))
+    config = parse_config(ui_config(tmp_path), base_dir=tmp_path)
+
+    async def in_thread(step: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(partial(step, *args))
+
+    async with (open_server(config) as running,
+                httpx.AsyncClient(base_url=running.url, timeout=30) as client,
+                open_browser(tmp_path / "chromium") as driver):
+        await in_thread(driver.get, running.url + "/")
+        await in_thread(enter_key, driver, artifacts)
+        await in_thread(wait_for, driver, "three idle models",
+                        lambda d: [c.get_attribute("data-state") for c in d.find_elements(
+                            By.CSS_SELECTOR, "li.profile")] == ["idle"] * 3)
+        await in_thread(wait_for, driver, "the live event stream",
+                        lambda d: d.find_element(By.ID, "conn").text == "live")
+        await in_thread(check_loading, driver, artifacts)
+        await in_thread(check_ready, driver, artifacts)
+        for _ in range(3):
+            answer = await client.post("/v1/chat/completions", json={
+                "model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 200
+        await in_thread(check_failed, driver, artifacts)
+        await in_thread(check_accessible_basics, driver)
+        await in_thread(check_phone_and_dark, driver, artifacts)
+        # Script errors only: the 401s and the failed load's 503 are expected.
+        errors = [entry for entry in await in_thread(driver.get_log, "browser")
+                  if entry["level"] == "SEVERE" and entry["source"] != "network"]
+        assert not errors, errors
