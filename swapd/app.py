@@ -364,6 +364,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
             "requests": fe.metrics.requests_by_model(),
             "fallbacks": fe.fallbacks.status(),
             "profiles": {name: {"status": fe.status_of(name),
+                                "display_name": e.profile.label,
                                 "context_length": e.context_length,
                                 "aliases": list(e.profile.aliases),
                                 "memory": fe.memory(e)}
@@ -432,9 +433,12 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
     async def events() -> Response:
         sup = fe.supervisor
 
+        since = request.args.get("since", type=int)
+
         async def stream() -> AsyncIterator[bytes]:
             yield b"data: " + json.dumps({"kind": "status", **sup.status()}).encode() + b"\n\n"
-            seen = sup.events[-1].seq if sup.events else 0
+            # ?since=SEQ replays what a reconnecting client missed (as far as kept).
+            seen = since if since is not None else (sup.events[-1].seq if sup.events else 0)
             while True:
                 with trio.move_on_after(SSE_KEEPALIVE):
                     await sup.wait_changed()

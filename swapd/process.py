@@ -480,4 +480,6 @@ def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
             name, f"cannot run {argv[0]!r}: {error.strerror}; set llama_server.command to "
             "the llama-server binary (a name on PATH or a full path)") from None
     log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+    if log_sink is not None:  # so the shared log reads as one section per start
+        log_sink.write([f"── swapd: starting {name} (pid {popen.pid}) ──"])
     return LlamaProcess(name, argv, popen, host, port, log_sink, pidfile)

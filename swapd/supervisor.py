@@ -211,6 +211,7 @@ class Supervisor:
         self.active: Profile | None = None
         self.proc: process.LlamaProcess | None = None
         self.last_error: StartError | ModelCrashed | None = None
+        self.last_error_at: float | None = None  # wall clock
         self.events: deque[Event] = deque(maxlen=256)
         self.load_seconds: dict[str, float] = _read_load_times(config)
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
@@ -364,6 +365,9 @@ class Supervisor:
             "load_elapsed": elapsed,
             "load_expected": expected,
             "last_error": None if error is None else {
+                "at": self.last_error_at,
+                "kind": {"StartTimeout": "start_timeout", "ModelCrashed": "crashed"}.get(
+                    type(error).__name__, "start_failed"),
                 "profile": error.profile,
                 "message": str(error).splitlines()[0],
                 "exit_code": error.exit_code,
@@ -484,7 +488,7 @@ class Supervisor:
         if error is not None or proc is None:
             assert error is not None
             self.proc = None
-            self.last_error = error
+            self.last_error, self.last_error_at = error, self._wall()
             self.stats["starts_failed"] += 1
             self._transition(State.FAILED)
             log.error("%s", error)
@@ -556,7 +560,7 @@ class Supervisor:
         error = ModelCrashed(proc.name, proc.exit_code, list(proc.tail)[-15:],
                              process.describe_exit(proc.exit_code))
         log.error("%s; last output:\n%s", error, "\n".join(error.stderr_tail))
-        self.last_error = error
+        self.last_error, self.last_error_at = error, self._wall()
         self.stats["crashes"] += 1
         proc.kill_now()  # whatever it left behind in its group
         for lease in self._leases:

@@ -440,3 +440,23 @@ async def test_status_page_is_served_open_and_safe(tmp_path: Path,
         assert (await client.get("/swapd/status")).status_code == 401  # data needs the key
         status = (await client.get("/swapd/status", headers={"x-api-key": "k"})).json()
         assert status["history"] == [] and status["requests"] == {}
+
+
+async def test_events_replay_from_a_sequence_number(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        await client.post("/swapd/load", json={"model": "a"})
+        kinds = []
+        async with client.stream("GET", "/swapd/events?since=0") as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    kinds.append(event["kind"])
+                    if event["kind"] == "ready":
+                        break
+        assert kinds[0] == "status"
+        assert kinds[1:] == [e.kind for e in running.supervisor.events][:len(kinds) - 1]
+        assert "starting" in kinds and "ready" in kinds
+        logs = (await client.get("/swapd/logs")).text
+        assert "── swapd: starting a (pid" in logs
+        status = (await client.get("/swapd/status")).json()
+        assert status["profiles"]["a"]["display_name"] == "Model A"
