@@ -249,16 +249,39 @@ async def test_completions_stream_without_usage(fake_server_cmd: list[str]) -> N
 
 async def test_keep_alive_serves_many_requests_on_one_connection(
         fake_server_cmd: list[str]) -> None:
-    limits = httpx.Limits(max_connections=1)
     async with running_fake(fake_server_cmd, "--fake-token-delay-ms", "1") as fake, \
-            httpx.AsyncClient(limits=limits) as client:
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
         with trio.fail_after(DEADLINE_S):
             await fake.wait_healthy(client)
-            for stream in (False, True, False, True):
-                response = await client.post(f"{fake.base_url}/v1/chat/completions",
-                                             json={"messages": [], "stream": stream})
+            for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+                response = await client.post(f"{fake.base_url}{path}",
+                                             json={"messages": [], "prompt": "", "input": ""})
                 assert response.status_code == 200
-                assert f"fake:a:{fake.process.pid}" in response.text
+                assert response.headers["x-fake-pid"] == str(fake.process.pid)
+                assert "connection" not in response.headers
+
+
+async def test_a_streamed_answer_closes_the_connection(fake_server_cmd: list[str]) -> None:
+    async with running_fake(fake_server_cmd) as fake, httpx.AsyncClient() as client:
+        with trio.fail_after(DEADLINE_S):
+            await fake.wait_healthy(client)
+            received = await _post_until_closed(fake.port, {"messages": [], "stream": True})
+    assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert b"Keep-Alive: timeout=5, max=100" in received
+    assert b"Connection: close" not in received  # closed without saying so, as the real one
+
+
+async def _post_until_closed(port: int, body: dict[str, object]) -> bytes:
+    payload = json.dumps(body).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(payload), payload))
+        received = bytearray()
+        async for data in stream:  # until the server closes
+            received += data
+    return bytes(received)
 
 
 async def test_crash_after_n_inference_requests(fake_server_cmd: list[str]) -> None:
@@ -432,3 +455,18 @@ async def test_second_sigterm_terminates_immediately(fake_server_cmd: list[str])
                 fake.process.send_signal(signal.SIGTERM)
                 assert await fake.process.wait() == 1, fake.stderr_text
             await fake.wait_for_stderr("Received second interrupt, terminating immediately.")
+
+
+async def test_help_lists_real_and_fake_flags_and_version_exits_0(
+        fake_server_cmd: list[str]) -> None:
+    with trio.fail_after(DEADLINE_S):
+        helped = await trio.run_process([*fake_server_cmd, "--help"], capture_stdout=True,
+                                        stdin=subprocess.DEVNULL)
+        version = await trio.run_process([*fake_server_cmd, "--version"], capture_stderr=True,
+                                         stdin=subprocess.DEVNULL)
+    text = helped.stdout.decode()
+    for option in ("-c, --ctx-size", "--jinja, --no-jinja", "-fa, --flash-attn",
+                   "--fake-crash-mid-stream K"):
+        assert re.search(rf"^{re.escape(option)}\s{{2,}}", text, re.MULTILINE), option
+    assert "--no-mmap" not in text  # rejected by this llama-server build, so not listed
+    assert version.stderr.startswith(b"version: ")

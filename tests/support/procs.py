@@ -133,6 +133,15 @@ class ServerProcess:
         while text not in self.stderr_text:
             await self._stderr_grew.wait()
 
+    async def expect_stderr(self, text: str, *, within: float) -> None:
+        """:meth:`wait_for_stderr`, failing with the stderr tail after ``within`` seconds."""
+        with trio.move_on_after(within):
+            await self.wait_for_stderr(text)
+            return
+        raise AssertionError(
+            f"{text!r} did not appear on pid {self.pid}'s stderr within {within} s; "
+            f"returncode {self.process.returncode}; stderr tail:\n{self.stderr_text[-3000:]}")
+
     async def wait_for_line(self, text: str) -> str:
         """The first complete stderr line that contains ``text``, without its newline."""
         while True:
