@@ -59,6 +59,10 @@ class ChildResponse:
         self._pool = pool
         self._connection: _Connection | None = connection
         self._complete = False
+        # llama-server closes the connection after every streamed answer, though its
+        # headers say keep-alive: pooling it would only cost a failed send and a retry.
+        self._streamed = any(name.lower() == b"content-type" and b"event-stream" in value
+                             for name, value in self.raw_headers)
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         connection = self._connection
@@ -93,7 +97,7 @@ class ChildResponse:
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._complete and connection.reusable:
+        if self._complete and connection.reusable and not self._streamed:
             connection.h11.start_next_cycle()
             self._pool.give_back(connection)
         else:  # half read: the rest of the answer is still on the wire

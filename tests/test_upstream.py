@@ -129,3 +129,28 @@ async def test_nothing_listening_is_an_upstream_error() -> None:
     pool = ChildPool("127.0.0.1", port)
     with pytest.raises(UpstreamError, match=f"cannot connect to 127.0.0.1:{port}"):
         await ask(pool)
+
+
+async def test_a_streamed_answer_does_not_go_back_to_the_pool() -> None:
+    class SSEServer(Server):
+        async def handle(self, stream: trio.SocketStream) -> None:
+            self.connections += 1
+            conn = h11.Connection(h11.SERVER)
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+            await stream.send_all(
+                (conn.send(h11.Response(status_code=200, headers=[
+                    ("content-type", "text/event-stream"), ("transfer-encoding", "chunked")]))
+                 or b"") + (conn.send(h11.Data(data=b"data: x\n\n")) or b"")
+                + (conn.send(h11.EndOfMessage()) or b""))
+            await stream.aclose()  # as llama-server does after a stream
+
+    server = SSEServer()
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port)
+        for _ in range(3):
+            assert await ask(pool) == b"data: x\n\n"
+        assert server.connections == 3
+        assert pool._idle == []  # never pooled, so never a failed send and a retry
+        await pool.aclose()
