@@ -418,13 +418,15 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
                 return
             seen = child_log.written
             while True:
-                with trio.move_on_after(SSE_KEEPALIVE):
-                    await child_log.wait_changed()
+                if child_log.written == seen:  # look before waiting (see events below)
+                    with trio.move_on_after(SSE_KEEPALIVE) as waited:
+                        await child_log.wait_changed()
+                    if waited.cancelled_caught:
+                        yield b": keepalive\n\n"
+                    continue
                 new = min(child_log.written - seen, len(child_log.lines))
                 seen = child_log.written
-                if not new:
-                    yield b": keepalive\n\n"
-                for line in list(child_log.lines)[-new:] if new else ():
+                for line in list(child_log.lines)[-new:]:
                     yield b"data: " + json.dumps(line).encode() + b"\n\n"
 
         return _sse(lines())
@@ -436,15 +438,21 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
         since = request.args.get("since", type=int)
 
         async def stream() -> AsyncIterator[bytes]:
-            yield b"data: " + json.dumps({"kind": "status", **sup.status()}).encode() + b"\n\n"
             # ?since=SEQ replays what a reconnecting client missed (as far as kept).
+            # Taken before the first yield: a client that acts on the snapshot (POSTs a
+            # load) must see every event that follows it.
             seen = since if since is not None else (sup.events[-1].seq if sup.events else 0)
+            yield b"data: " + json.dumps({"kind": "status", **sup.status()}).encode() + b"\n\n"
             while True:
-                with trio.move_on_after(SSE_KEEPALIVE):
-                    await sup.wait_changed()
                 fresh = [e for e in sup.events if e.seq > seen]
                 if not fresh:
-                    yield b": keepalive\n\n"
+                    # Look before waiting: events published while this generator was
+                    # suspended in a yield already set (and replaced) the Event.
+                    with trio.move_on_after(SSE_KEEPALIVE) as waited:
+                        await sup.wait_changed()
+                    if waited.cancelled_caught:
+                        yield b": keepalive\n\n"
+                    continue
                 for event in fresh:
                     seen = event.seq
                     yield b"data: " + json.dumps(

@@ -217,12 +217,13 @@ class InferenceProxy:
         reasoning = self.config.progress.reasoning
         await ex.body_part(progress.comment(f"swapd loading {profile}"))
         while True:
+            changed = self.supervisor.next_change()  # before the send, so none is missed
             if reasoning:
                 chunk = chunks.reasoning(progress.describe(self.supervisor.status(), profile))
                 if chunk is not None:
                     await ex.body_part(chunk)
             with trio.move_on_after(min(keepalive, 1.0) if reasoning else keepalive) as timer:
-                await self.supervisor.wait_changed()
+                await changed.wait()
             if timer.cancelled_caught:
                 await ex.body_part(progress.comment(f"swapd loading {profile}"))
 

@@ -331,6 +331,11 @@ class Supervisor:
         """Return at the next published event (state change, queue change, failure)."""
         await self._changed.wait()
 
+    def next_change(self) -> trio.Event:
+        """The event the next publication sets: take it *before* an await that could
+        miss a publication, wait on it after."""
+        return self._changed
+
     @property
     def n_waiting(self) -> int:
         return self._n_waiting
