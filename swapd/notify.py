@@ -8,24 +8,20 @@ llama-server children (which inherit swapd's environment) never see them. Withou
 terminal and in tests. A message that cannot be sent is dropped and logged once: a
 notification is never worth failing the daemon for.
 
-How ``serve.py`` is meant to use it::
+How ``serve.py`` uses it::
 
-    notifier = Notifier.from_environment()
+    notifier = Notifier.from_environment()       # first: children must not inherit it
     async with open_server(config) as running, trio.open_nursery() as nursery:
-        notifier.ready(status=status_text(...))          # READY=1 once listening
-        nursery.start_soon(notifier.run_watchdog)         # WATCHDOG=1 every WATCHDOG_USEC/2
-        nursery.start_soon(notifier.run_status_updates,   # STATUS= on state changes
-                           lambda: status_text(sup.state.value, sup.active and
-                                               sup.active.name, ...),
-                           sup.wait_changed)
-        ...
-        # SIGHUP:
-        notifier.reloading()                              # RELOADING=1 + MONOTONIC_USEC
-        ...reload the config (or keep the old one if the new one is invalid)...
-        notifier.ready(status=...)                        # READY=1 again, either way
-        # SIGTERM/SIGINT, before draining:
-        notifier.stopping()                               # STOPPING=1
-        nursery.cancel_scope.cancel()                     # stop the watchdog with it
+        line = lambda: status_text(sup.state.value, active_name, last_error=...)
+        notifier.ready(status=line())            # READY=1 + STATUS= once listening
+        nursery.start_soon(notifier.run_watchdog)                      # WATCHDOG=1
+        nursery.start_soon(notifier.run_status_updates, line, sup.wait_changed)
+        # on SIGHUP:
+        notifier.reloading()                     # RELOADING=1 + MONOTONIC_USEC=
+        ...reload (or reject the new config and keep the old one)...
+        notifier.ready(status=line())            # READY=1 again, in both cases
+        # on SIGTERM/SIGINT, before draining:
+        notifier.stopping()                      # STOPPING=1
 
 The watchdog pings come from their own trio task, so they prove that the event loop
 turns (a blocking call or a deadlock in the loop stops them, and systemd restarts swapd),
