@@ -36,6 +36,13 @@ import trio
 
 from swapd.config import Config, load_config, missing_model_files
 from swapd.errors import ConfigError
+from swapd.estimate import (
+    detect_gpu_memory,
+    estimate_profile,
+    format_bytes,
+    format_report,
+    parse_gpu_memory,
+)
 from swapd.flags import build_argv, parse_help_flags, unknown_flags
 
 HELP_TIMEOUT = 30.0
@@ -57,7 +64,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     except SystemExit as exit_:  # usage error or --help: report its status, don't exit
         return exit_.code if isinstance(exit_.code, int) else 2
     if args.command == "check":
-        return check(args.config, llama_server=args.llama_server)
+        return check(args.config, llama_server=args.llama_server, gpu_memory=args.gpu_memory)
     if args.command == "serve":
         return _serve(args.config)
     if args.command in CLIENT_COMMANDS:
@@ -79,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         "--llama-server", metavar="PATH", type=Path,
         help="llama-server binary whose --help to check flags against "
              "(default: the config's llama_server.command)")
+    check_cmd.add_argument(
+        "--gpu-memory", metavar="SIZE",
+        help="GPU memory to judge each profile's VRAM estimate against, e.g. 24GiB "
+             "(default: memory.gpu, else the total nvidia-smi reports)")
     serve_cmd = commands.add_parser("serve", help="run the daemon")
     serve_cmd.add_argument("-c", "--config", metavar="CONFIG", required=True,
                            help="path of the YAML config")
@@ -92,7 +103,8 @@ def _serve(config_path: str) -> int:
     return run(config_path)
 
 
-def check(config_path: str, *, llama_server: Path | None = None) -> int:
+def check(config_path: str, *, llama_server: Path | None = None,
+          gpu_memory: str | None = None) -> int:
     """``swapd check``: print argv per profile to stdout, problems to stderr."""
     try:
         config = load_config(config_path)
@@ -120,11 +132,29 @@ def check(config_path: str, *, llama_server: Path | None = None) -> int:
         for profile in config.profiles.values():
             problems += [f"profiles.{profile.name}.flags: {message}"
                          for message in unknown_flags(profile.flags, accepted)]
+    try:
+        problems += _memory_report(config, gpu_memory)
+    except ValueError as error:
+        problems.append(f"--gpu-memory: {error}")
     if problems:
         _print_problems(problems, source=config_path)
         return 1
     print("\nok")
     return 0
+
+
+def _memory_report(config: Config, gpu_memory: str | None) -> list[str]:
+    """Print each profile's VRAM estimate; a problem for each that will not fit."""
+    gpu = (parse_gpu_memory(gpu_memory) if gpu_memory else
+           config.memory.gpu or detect_gpu_memory())
+    estimates = [estimate_profile(profile) for profile in config.profiles.values()]
+    text, _all_fit = format_report(estimates, gpu)
+    print(f"\nVRAM estimates{f' for {format_bytes(gpu)} of GPU memory' if gpu else ''}:")
+    print(text)
+    if gpu is None:
+        return []
+    return [f"profiles.{e.name}: estimated {format_bytes(e.total)} does not fit in "
+            f"{format_bytes(gpu)} of GPU memory" for e in estimates if e.fits(gpu) is False]
 
 
 def _print_problems(problems: Sequence[str], *, source: str) -> None:

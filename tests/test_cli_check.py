@@ -12,6 +12,7 @@ import pytest
 
 from swapd.cli import main
 from tests.support.llama_build import find_llama_server
+from tests.support.tiny_gguf import write_tiny_llama
 from tests.test_flags import HELP
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "swapd.example.yaml"
@@ -188,3 +189,23 @@ def test_check_against_the_real_llama_server(tmp_path: Path,
     assert main(["check", str(bad), "--llama-server", str(binary)]) == 1
     assert "does not accept --ctx-sz (written 'ctx_sz'); did you mean --ctx-size?" in \
         capsys.readouterr().err
+
+
+def test_check_judges_vram_estimates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_tiny_llama(tmp_path / "m.gguf", n_layers=4, n_embd=256, n_head=8, n_head_kv=2,
+                     context_length=32768)
+    path = tmp_path / "swapd.yaml"
+    path.write_text("llama_server: {command: /nonexistent/llama-server}\nprofiles:\n"
+                    "  small: {model: m.gguf, flags: {ctx-size: 4096}}\n"
+                    "  long: {model: m.gguf, flags: {ctx-size: 32768}}\n")
+    assert main(["check", str(path), "--gpu-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "VRAM estimates for 1.00 GiB of GPU memory" in out
+    assert out.count("fits in 1.00 GiB") == 2
+    assert main(["check", str(path), "--gpu-memory", "560MiB"]) == 1
+    captured = capsys.readouterr()
+    assert "long: 4/4 layers on GPU, ctx 32768" in captured.out
+    assert "does NOT fit in 560.0 MiB" in captured.out and "fix: ctx-size:" in captured.out
+    assert "profiles.long: estimated" in captured.err
+    assert main(["check", str(path), "--gpu-memory", "lots"]) == 1
+    assert "--gpu-memory:" in capsys.readouterr().err
