@@ -45,7 +45,7 @@ HOP_BY_HOP = frozenset({
 # Never forwarded to the child: hop-by-hop, what httpx sets itself, and credentials.
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key",
                               b"accept-encoding"}
-_DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date"}
+_DROP_RESPONSE = HOP_BY_HOP | {b"server"}
 
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",

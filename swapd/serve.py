@@ -56,6 +56,8 @@ def hypercorn_config(config: Config) -> HypercornConfig:
                f"{host}:{config.listen.port}"]
     hc.graceful_timeout = config.timeouts.drain
     hc.include_server_header = False
+    hc.include_date_header = False  # answers carry llama-server's own Date
+    hc.backlog = 4096  # 200 clients connecting at once otherwise wait on SYN retries
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
