@@ -29,7 +29,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "swapd", "tests", "noxfile.py")
+    session.run("ruff", "check", "swapd", "tests", "bench", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
@@ -42,3 +42,14 @@ def typecheck(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("python", "-m", "tests.support.demo")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """``nox -s bench -- --quick`` (under a minute) or without it (a few minutes).
+
+    py-spy is only used by ``--profile`` (it samples the running swapd); wrk, if the
+    system has it (``apt-get install wrk``), adds a cross-check of the latency figures.
+    """
+    session.install("-e", ".[test]", "py-spy")
+    session.run("python", "-m", "bench", *session.posargs)
