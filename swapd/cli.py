@@ -67,6 +67,15 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         return check(args.config, llama_server=args.llama_server, gpu_memory=args.gpu_memory)
     if args.command == "serve":
         return _serve(args.config)
+    if args.command == "schema":
+        from swapd.schema import schema_text
+
+        (out or sys.stdout).write(schema_text())
+        return 0
+    if args.command == "import":
+        from swapd.migrate import run_import
+
+        return run_import(args.kind, args.source, args.output, out=out, err=err)
     if args.command in CLIENT_COMMANDS:
         return run_client(args, out=out, err=err)
     parser.print_help(sys.stderr)
@@ -93,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the daemon")
     serve_cmd.add_argument("-c", "--config", metavar="CONFIG", required=True,
                            help="path of the YAML config")
+    commands.add_parser(
+        "schema", help="print the config's JSON Schema (for editors)",
+        description="Print the JSON Schema of swapd's YAML config, generated from the code; "
+                    "point an editor's YAML support at it for validation and completion.")
+    import_cmd = commands.add_parser(
+        "import", help="convert a llama-swap config or a profiles manifest",
+        description="Convert another tool's config into a swapd config; what cannot be "
+                    "carried over is listed on stderr and at the top of the result.")
+    import_cmd.add_argument("kind", choices=["llama-swap", "manifest"],
+                            help="the format of SOURCE")
+    import_cmd.add_argument("source", metavar="SOURCE", help="the file to convert")
+    import_cmd.add_argument("-o", "--output", metavar="OUT",
+                            help="write here (never over an existing file); default: stdout")
     _client_parsers(commands)
     return parser
 
