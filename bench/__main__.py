@@ -18,13 +18,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .plan import FULL, QUICK, RESULTS
+from .plan import FULL, QUICK, RESULTS, real_models
 from .procs import MARKER, ROOT, OtherLoad, load_average, machine_info
 from .profiling import Profiler
 from .suites import Report, config_load, run_fake, run_real
 from .table import render
+from .warm import warm_return
 
-SECTIONS = ("latency", "swap", "progress", "collation", "scale", "config")
+SECTIONS = ("latency", "swap", "progress", "collation", "scale", "config", "warm")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,6 +94,8 @@ async def _main(args: argparse.Namespace) -> int:
             await run_fake(report, sections)
             if binary is not None and sections & {"latency", "swap", "progress"}:
                 await run_real(report, sections, binary)
+            if binary is not None and "warm" in sections:
+                await warm_return(report, binary, real_models())
             if "config" in sections:
                 config_load(report)
             if profiler is not None:

@@ -22,6 +22,7 @@ import attrs
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from .auth import Keys, load_keys
@@ -31,7 +32,16 @@ from .errors import ConfigError, LeaseError
 from .fallback import FallbackChain
 from .metrics import Metrics
 from .process import ChildLog
-from .proxy import InferenceProxy, Message, Receive, Scope, Send, error_body, send_error
+from .proxy import (
+    NATIVE_POSTS,
+    InferenceProxy,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    send_error,
+)
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -108,13 +118,21 @@ class Frontend:
 
 
 def create_app(frontend: Frontend) -> Any:
-    app = QuartTrio(__name__)
+    app = QuartTrio(__name__, static_folder=None)
     # Generations and streams last as long as they last; queue_wait bounds the waiting.
     app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=None,
                       MAX_CONTENT_LENGTH=frontend.config.security.max_body)
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
     _page_routes(app)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        """Quart's own 404/405/413 as OpenAI-shaped JSON, like every other error here."""
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            error.code or 500, "http_error")
+        return _openai_error(error.code or 500, f"{error.name}: {request.method} "
+                             f"{request.path}", "invalid_request_error", code)
     proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
@@ -129,7 +147,8 @@ def create_app(frontend: Frontend) -> Any:
                              "invalid_request_error", "invalid_api_key",
                              [(b"www-authenticate", b"Bearer")])
             return
-        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+        if scope["method"] == "POST" and (scope["path"].startswith("/v1/")
+                                          or scope["path"] in NATIVE_POSTS):
             await proxy(scope, receive, send)
         else:
             await quart(scope, receive, send)
@@ -265,7 +284,10 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
         sup = fe.supervisor
         if sup.active is not None and sup.state.value == "ready":
             entry = fe.catalog[sup.active.name]
-            loaded.append({**ollama_model(entry), "expires_at": _iso(0),
+            ttl = sup.active.ttl if sup.active.ttl is not None else fe.config.ttl
+            # Ollama reports a far-future time for "never unloads".
+            expires = _iso(time.time() + ttl) if ttl else "2318-01-01T00:00:00+00:00"
+            loaded.append({**ollama_model(entry), "expires_at": expires,
                            "size_vram": entry.file_size,
                            "context_length": entry.context_length})
         return _json({"models": loaded})

@@ -34,6 +34,7 @@ import attrs
 import httpx
 import trio
 
+from swapd.auth import load_keys
 from swapd.config import Config, load_config, missing_model_files
 from swapd.errors import ConfigError
 from swapd.estimate import (
@@ -154,6 +155,10 @@ def check(config_path: str, *, llama_server: Path | None = None,
         for profile in config.profiles.values():
             problems += [f"profiles.{profile.name}.flags: {message}"
                          for message in unknown_flags(profile.flags, accepted)]
+    try:
+        load_keys(config.security)
+    except ConfigError as error:
+        problems += error.problems
     try:
         problems += _memory_report(config, gpu_memory)
     except ValueError as error:

@@ -136,5 +136,6 @@ class _LiveState(Collector):
                 ("tokens_restored", "Prompt tokens restored instead of processed again"),
                 ("seconds_saved", "Prompt processing time warm returns avoided"),
                 ("skipped", "Slot saves skipped as not worth it"),
-                ("rejected", "Restores llama-server rejected")):
+                ("rejected", "Restores llama-server rejected"),
+                ("evicted", "Saved slots dropped to stay within cache.budget")):
             yield CounterMetricFamily(f"swapd_cache_{key}", help_text, value=cache[key])

@@ -85,8 +85,8 @@ def describe(status: dict[str, Any], profile: str) -> str:
         return f"stopping {active} to load {profile}"
     ahead = sum(n for name, n in status["waiting"].items() if name != profile)
     if active and state in ("ready", "starting"):
-        verb = "serving" if state == "ready" else "loading"
-        return f"queued for {profile}: {active} is {verb} other requests ({ahead} waiting ahead)"
+        doing = "serving other requests" if state == "ready" else "loading for other requests"
+        return f"queued for {profile}: {active} is {doing} ({ahead} waiting ahead)"
     return f"queued for {profile}"
 
 

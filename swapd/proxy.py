@@ -47,10 +47,16 @@ _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-
                               b"accept-encoding"}
 _DROP_RESPONSE = HOP_BY_HOP | {b"server"}
 
+NATIVE_POSTS = frozenset({
+    "/completion", "/completions", "/chat/completions", "/infill", "/embedding",
+    "/embeddings", "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template",
+})
+"""llama-server's own routes outside /v1/ (editor plugins use /infill): proxied too."""
+
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
     "/v1/messages", "/v1/rerank", "/v1/reranking", "/v1/audio/transcriptions",
-})
+}) | NATIVE_POSTS
 """Routes counted under their own label; anything else is "/v1/(other)"."""
 
 SSE_HEADERS = [

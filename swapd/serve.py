@@ -23,6 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from . import process
 from .app import Frontend, create_app, frontend_for
+from .auth import load_keys
 from .config import Config, load_config
 from .errors import ConfigError
 from .fallback import FallbackChain
@@ -160,8 +161,26 @@ def run(config_path: str | os.PathLike[str]) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request
     try:
         config = load_config(config_path)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+        load_keys(config.security)  # a named but missing key source fails here, plainly
+        Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        return trio.run(_main, config, Path(config_path))
+    except (ConfigError, OSError, BaseExceptionGroup) as error:
+        cause = _startup_cause(error)
+        if cause is None:
+            raise
+        print(f"swapd: {cause}", file=sys.stderr)
         return 1
-    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-    return trio.run(_main, config, Path(config_path))
+
+
+def _startup_cause(error: BaseException) -> str | None:
+    """One line for a failure a person fixes outside swapd (a taken port, a bad config,
+    an unwritable state_dir, a missing key file); None for anything else (a bug)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    if isinstance(error, ConfigError):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return (f"{error.strerror or error}{where}; is another swapd (or something else) "
+                "already listening there, or is a path not writable?")
+    return None

@@ -424,7 +424,8 @@ class Supervisor:
             case Stopped(proc):
                 self.phase = None
                 if proc is self.proc:
-                    self._swap["stopped"] = trio.current_time()
+                    if self._swap:  # a swap: the next load's record starts here
+                        self._swap["stopped"] = trio.current_time()
                     self.proc = None
                     self.active = None
                     self._transition(State.IDLE)
@@ -444,7 +445,7 @@ class Supervisor:
         else:
             resolved = self.config.resolve(name)
             if not isinstance(resolved, Profile):
-                self._answer(waiter, UnknownModel(name, list(self.config.profiles)))
+                self._answer(waiter, UnknownModel(name, self.config.model_names()))
                 return
             profile = resolved
         waiter.profile = profile.name
@@ -536,7 +537,7 @@ class Supervisor:
         for name in removed:
             for waiter in self._waiting.pop(name, deque()):
                 self._n_waiting -= 1
-                self._answer(waiter, UnknownModel(name, list(new.profiles)))
+                self._answer(waiter, UnknownModel(name, new.model_names()))
         active = self.active.name if self.active else None
         if active is not None and active not in changed and active not in removed:
             self.active = new.profiles[active]  # same definition: keeps serving as is
@@ -778,8 +779,13 @@ class Supervisor:
 
     def _begin_stop(self) -> None:
         assert self._nursery is not None and self.proc is not None
-        self.stats["swaps"] += 1
-        self._swap = {"from": self.proc.name, "began": trio.current_time()}
+        # A swap when someone waits for another model; an unload, TTL or shutdown
+        # otherwise, and then the next load starts from nothing.
+        if any(self._waiting.values()) and not self._shutting_down:
+            self.stats["swaps"] += 1
+            self._swap = {"from": self.proc.name, "began": trio.current_time()}
+        else:
+            self._swap = {}
         self._transition(State.STOPPING)
         self._draining_since = None
         self._publish("stopping", profile=self.proc.name)

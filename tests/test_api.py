@@ -463,3 +463,23 @@ async def test_events_replay_from_a_sequence_number(tmp_path: Path) -> None:
         assert "── swapd: starting a (pid" in logs
         status = (await client.get("/swapd/status")).json()
         assert status["profiles"]["a"]["display_name"] == "Model A"
+
+
+async def test_quart_errors_are_openai_shaped_and_native_paths_are_proxied(
+        tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (_running, client):
+        for method, path, status in (("GET", "/nope", 404),
+                                     ("POST", "/health", 405),
+                                     ("GET", "/static/x.css", 404)):
+            response = await client.request(method, path)
+            assert response.status_code == status, path
+            assert set(response.json()["error"]) == {"message", "type", "code"}
+        for path in ("/completion", "/infill", "/tokenize"):  # llama-server's own routes
+            answer = await client.post(path, json={"model": "a", "prompt": "x"})
+            assert answer.headers.get("x-fake-pid"), path  # the child answered it
+        completion = await client.post("/completion", json={"model": "a", "prompt": "x"})
+        assert completion.status_code == 200
+        ps = (await client.get("/api/ps")).json()["models"]
+        assert ps[0]["expires_at"].startswith("2318-")  # ttl 0: it never unloads
+        unknown = await client.post("/swapd/load", json={"model": "nope"})
+        assert "available: a, alpha, b" in unknown.json()["error"]["message"]

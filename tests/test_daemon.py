@@ -167,3 +167,28 @@ def test_systemd_notifications_across_a_lifecycle(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("problem", ["port", "key"])
+def test_startup_failures_are_one_clear_line(tmp_path: Path, problem: str) -> None:
+    config = json.loads(config_text(tmp_path))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        config["listen"] = f"127.0.0.1:{holder.getsockname()[1]}"
+        if problem == "key":
+            config["listen"] = f"127.0.0.1:{free_port('127.0.0.1')}"
+            config["security"] = {"api_key_env": "SWAPD_TEST_NO_SUCH_KEY"}
+        path = tmp_path / "swapd.yaml"
+        path.write_text(json.dumps(config))
+        env = {k: v for k, v in os.environ.items() if k != "SWAPD_TEST_NO_SUCH_KEY"}
+        done = subprocess.run([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("swapd: ")
+    if problem == "port":
+        assert "address already in use" in done.stderr.lower()
+    else:
+        assert "$SWAPD_TEST_NO_SUCH_KEY is empty or not set @ security.api_key_env" \
+            in done.stderr
