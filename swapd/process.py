@@ -149,6 +149,31 @@ def port_in_use(host: str, port: int) -> bool:
         return False
 
 
+def port_holder(port: int) -> str | None:
+    """Which process listens on ``port`` (``pid 123: llama-server ...``), if /proc says."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1],
+                                                             16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").iterdir() if inodes else ():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                return f"pid {proc.name}: {' '.join(a.decode(errors='replace') for a in argv)}"
+        except OSError:
+            continue
+    return None
+
+
 def _die_with_parent(parent: int) -> None:
     """Runs in the child between fork and exec."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -462,8 +487,10 @@ def launch(config: Config, profile: Profile, log_sink: ChildLog | None,
     if port is None:
         port = free_port(host)
     elif port_in_use(host, port):
-        raise StartFailed(profile.name, f"port {port} on {host} is in use by another "
-                          "process (llama_server.port); stop it or use port: auto")
+        holder = port_holder(port)
+        raise StartFailed(profile.name, f"port {port} on {host} is in use by "
+                          f"{holder.strip() if holder else 'another process'} "
+                          "(llama_server.port); stop it or use port: auto")
     return spawn(profile.name, [*build_argv(config, profile, port), *extra_argv],
                  host=host, port=port,
                  env={**config.llama_server.env, **profile.env}, log_sink=log_sink,

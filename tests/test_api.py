@@ -8,6 +8,7 @@ are deadlines only.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -395,7 +396,8 @@ async def test_fixed_port_in_use_is_refused_before_spawning(tmp_path: Path) -> N
                 httpx.AsyncClient(base_url=running.url, timeout=30) as client:
             answer = await client.post("/v1/chat/completions", json=chat("a"))
             assert answer.status_code == 503
-            assert f"port {port} on 127.0.0.1 is in use" in answer.json()["error"]["message"]
+            message = answer.json()["error"]["message"]
+            assert f"port {port} on 127.0.0.1 is in use by pid {os.getpid()}:" in message
             assert running.supervisor.proc is None
 
 

@@ -192,3 +192,32 @@ def test_startup_failures_are_one_clear_line(tmp_path: Path, problem: str) -> No
     else:
         assert "$SWAPD_TEST_NO_SUCH_KEY is empty or not set @ security.api_key_env" \
             in done.stderr
+
+
+def test_sigterm_mid_stream_drains_then_exits_zero(tmp_path: Path) -> None:
+    port = free_port("127.0.0.1")
+    config = json.loads(config_text(tmp_path, a_flags={"fake-tokens": 60,
+                                                       "fake-token-delay-ms": 20}))
+    config["listen"] = f"127.0.0.1:{port}"
+    path = tmp_path / "swapd.yaml"
+    path.write_text(json.dumps(config))
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, "swapd to listen")
+        child = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()["pid"]
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
+                "model": "a", "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}) as response:
+            chunks = response.iter_raw()
+            received = next(chunks)
+            proc.send_signal(signal.SIGTERM)  # ~1.2 s of answer still to come
+            received += b"".join(chunks)
+        assert received.rstrip().endswith(b"data: [DONE]")  # the answer was not cut
+        assert proc.wait(timeout=30) == 0
+        wait_for(lambda: not alive(child), "the child to be gone", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import trio
 
@@ -190,3 +192,31 @@ async def test_open_circuit_goes_straight_to_the_fallback(tmp_path: Path) -> Non
             # a local profile that works still loads while b's circuit is open
             local = await client.post("/v1/chat/completions", json=chat("a"))
             assert local.json()["choices"][0]["message"]["content"].startswith("fake:a:")
+
+
+async def test_openai_sdk_gets_an_answer_past_a_down_and_a_slow_upstream(
+        tmp_path: Path) -> None:
+    async def never_answers(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # accepts, then says nothing: a hung upstream
+
+    async with trio.open_nursery() as nursery, remote_upstream("remote") as url:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, never_answers, 0,
+                                                  host="127.0.0.1"))
+        slow = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/v1"
+        closed = f"http://127.0.0.1:{process.free_port('127.0.0.1')}/v1"
+        config = with_fallbacks(tmp_path, [
+            {"name": "down", "base_url": closed, "model": "x", "timeout": "1s"},
+            {"name": "slow", "base_url": slow, "model": "y", "timeout": "500ms"},
+            {"name": "lan", "base_url": url, "model": "remote"},
+        ], b_flags=BROKEN)
+        async with open_server(config) as running:
+            sdk = openai.OpenAI(base_url=running.url + "/v1", api_key="unused",
+                                max_retries=0)
+            completion = await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
+                model="b", messages=[{"role": "user", "content": "hi"}]))
+            assert completion.choices[0].message.content.startswith("fake:remote:")
+            served = {f["name"]: f for f in running.frontend.fallbacks.status()}
+            assert served["down"]["problem"].startswith("health check failed: ConnectError")
+            assert "ReadTimeout" in served["slow"]["problem"]
+            assert served["lan"]["served"] == 1
+        nursery.cancel_scope.cancel()
