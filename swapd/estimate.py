@@ -1118,26 +1118,25 @@ def _largest_ctx(with_changes: Any, base: Mapping[str, FlagValue], ctx: int,
                  gpu_memory: int) -> tuple[Mapping[str, FlagValue], Estimate] | None:
     """The largest context (a multiple of 1024, at least 2048) that fits, or None."""
     step = 1024
-    low, high = 2, ctx // step - (1 if ctx % step == 0 else 0)
-    best: tuple[Mapping[str, FlagValue], Estimate] | None = None
-    while low <= high:
-        middle = (low + high) // 2
-        changes = {**base, "ctx-size": middle * step}
-        candidate = with_changes(changes)
-        if candidate.sized and candidate.total <= gpu_memory:
-            best, low = (changes, candidate), middle + 1
-        else:
-            high = middle - 1
-    return best
+    return _largest_fitting(
+        2, ctx // step - (1 if ctx % step == 0 else 0),
+        lambda n: {**base, "ctx-size": n * step}, with_changes, gpu_memory)
 
 
 def _most_layers(with_changes: Any, n_layers: int,
                  gpu_memory: int) -> tuple[Mapping[str, FlagValue], Estimate] | None:
-    low, high = 1, n_layers
+    return _largest_fitting(1, n_layers, lambda n: {"n-gpu-layers": n}, with_changes,
+                            gpu_memory)
+
+
+def _largest_fitting(low: int, high: int, changes_for: Any, with_changes: Any,
+                     gpu_memory: int) -> tuple[Mapping[str, FlagValue], Estimate] | None:
+    """Binary search for the largest n in [low, high] whose changes fit (estimates grow
+    with n), with those changes and their estimate; None if even ``low`` does not fit."""
     best: tuple[Mapping[str, FlagValue], Estimate] | None = None
     while low <= high:
         middle = (low + high) // 2
-        changes: dict[str, FlagValue] = {"n-gpu-layers": middle}
+        changes: dict[str, FlagValue] = changes_for(middle)
         candidate = with_changes(changes)
         if candidate.sized and candidate.total <= gpu_memory:
             best, low = (changes, candidate), middle + 1

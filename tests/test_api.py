@@ -83,6 +83,12 @@ def sse_events(text: str) -> tuple[list[str], list[Any]]:
     return comments, data
 
 
+def delta_text(data: list[Any], key: str) -> str:
+    """The text of one delta field across a stream's chunks (``content``, ``reasoning_content``)."""
+    return "".join(d["choices"][0]["delta"].get(key) or "" for d in data
+                   if isinstance(d, dict) and d.get("choices"))
+
+
 async def test_requests_swap_models_on_demand(tmp_path: Path) -> None:
     async with swapd(tmp_path) as (running, client):
         first = await client.post("/v1/chat/completions", json=chat("alpha"))
@@ -124,7 +130,7 @@ async def test_streaming_request_sees_progress_then_the_answer(tmp_path: Path) -
             assert delta["reasoning_content"].startswith(PREFIX)
             assert "content" not in delta
             assert chunk["choices"][0]["finish_reason"] is None
-        answer = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        answer = delta_text(chunks, "content")
         assert answer.startswith("fake:b:")
 
 
@@ -427,8 +433,7 @@ async def test_second_load_shows_an_eta(tmp_path: Path) -> None:
                                  json=chat("b", stream=True)) as response:
             body = (await response.aread()).decode()
         _comments, data = sse_events(body)
-        reasoning = "".join(d["choices"][0]["delta"].get("reasoning_content") or ""
-                            for d in data[:-1])
+        reasoning = delta_text(data, "reasoning_content")
         assert "% (ready in ~" in reasoning
 
 

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -41,15 +43,18 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+@contextmanager
+def running_daemon(tmp_path: Path, *, env: dict[str, str] | None = None,
+                   stderr: Any = subprocess.DEVNULL,
+                   **config: Any) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """``swapd serve`` as its own process on a free port, listening; killed at the end."""
     port = free_port("127.0.0.1")
-    config = json.loads(config_text(tmp_path))
-    config["listen"] = f"127.0.0.1:{port}"
+    text = json.loads(config_text(tmp_path, **config))
+    text["listen"] = f"127.0.0.1:{port}"
     path = tmp_path / "swapd.yaml"
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(text))
     proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
-                            cwd=ROOT, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=env, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(url + "/health").status_code == 200, "swapd to listen")
@@ -58,8 +63,19 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    with running_daemon(tmp_path, stderr=subprocess.PIPE) as (proc, url, path):
+        try:
+            yield proc, url, path
+        finally:
+            assert proc.stderr is not None
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stderr.close()
 
 
 def test_sighup_reloads_and_sigterm_exits_cleanly(
@@ -96,20 +112,10 @@ def test_sigint_with_nothing_loaded_exits_zero(
     assert proc.wait(timeout=30) == 0
 
 
-def test_second_signal_stops_at_once_and_still_kills_the_child(
-        tmp_path: Path) -> None:
-    port = free_port("127.0.0.1")
-    config = json.loads(config_text(tmp_path, timeouts={"drain": "60s"},
-                                    a_flags={"fake-tokens": 100000,
-                                             "fake-token-delay-ms": 10}))
-    config["listen"] = f"127.0.0.1:{port}"
-    path = tmp_path / "swapd.yaml"
-    path.write_text(json.dumps(config))
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
-                            cwd=ROOT, stderr=open(tmp_path / "err.log", "w"))  # noqa: SIM115
-    try:
-        wait_for(lambda: httpx.get(url + "/health").status_code == 200, "swapd to listen")
+def test_second_signal_stops_at_once_and_still_kills_the_child(tmp_path: Path) -> None:
+    with running_daemon(tmp_path, timeouts={"drain": "60s"},
+                        a_flags={"fake-tokens": 100000, "fake-token-delay-ms": 10}
+                        ) as (proc, url, _path):
         child = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()["pid"]
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
                 "model": "a", "stream": True,
@@ -122,25 +128,12 @@ def test_second_signal_stops_at_once_and_still_kills_the_child(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) != 0  # stopped without waiting
         wait_for(lambda: not alive(child), "the child to be gone", 5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_systemd_notifications_across_a_lifecycle(tmp_path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify.sock"))
     sock.settimeout(20)
-    port = free_port("127.0.0.1")
-    config = json.loads(config_text(tmp_path))
-    config["listen"] = f"127.0.0.1:{port}"
-    path = tmp_path / "swapd.yaml"
-    path.write_text(json.dumps(config))
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
-    proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
-                            cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
 
     def until(text: str) -> list[str]:
         seen = []
@@ -150,7 +143,8 @@ def test_systemd_notifications_across_a_lifecycle(tmp_path: Path) -> None:
             if text in message:
                 return seen
 
-    try:
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    with sock, running_daemon(tmp_path, env=env) as (proc, url, _path):
         first = until("READY=1")
         assert "STATUS=idle" in first[-1]
         child = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()["pid"]
@@ -162,11 +156,6 @@ def test_systemd_notifications_across_a_lifecycle(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         until("STOPPING=1")
         assert proc.wait(timeout=30) == 0
-    finally:
-        sock.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 @pytest.mark.parametrize("problem", ["port", "key"])
@@ -195,17 +184,8 @@ def test_startup_failures_are_one_clear_line(tmp_path: Path, problem: str) -> No
 
 
 def test_sigterm_mid_stream_drains_then_exits_zero(tmp_path: Path) -> None:
-    port = free_port("127.0.0.1")
-    config = json.loads(config_text(tmp_path, a_flags={"fake-tokens": 60,
-                                                       "fake-token-delay-ms": 20}))
-    config["listen"] = f"127.0.0.1:{port}"
-    path = tmp_path / "swapd.yaml"
-    path.write_text(json.dumps(config))
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "swapd", "serve", "--config", str(path)],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: httpx.get(url + "/health").status_code == 200, "swapd to listen")
+    with running_daemon(tmp_path, a_flags={"fake-tokens": 60, "fake-token-delay-ms": 20}
+                        ) as (proc, url, _path):
         child = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()["pid"]
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
                 "model": "a", "stream": True,
@@ -217,7 +197,3 @@ def test_sigterm_mid_stream_drains_then_exits_zero(tmp_path: Path) -> None:
         assert received.rstrip().endswith(b"data: [DONE]")  # the answer was not cut
         assert proc.wait(timeout=30) == 0
         wait_for(lambda: not alive(child), "the child to be gone", 5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()

@@ -21,7 +21,7 @@ from swapd import process
 from swapd.config import Fallback, parse_config
 from swapd.fallback import FallbackChain
 from swapd.serve import open_server
-from tests.test_api import chat, config_text, sse_events
+from tests.test_api import chat, config_text, delta_text, sse_events
 from tests.test_process import fake_argv
 
 # -- the chain at the HTTP boundary (httpx.MockTransport) --
@@ -135,11 +135,9 @@ async def test_failed_start_is_served_by_the_fallback(tmp_path: Path) -> None:
                 body = (await response.aread()).decode()
             _comments, data = sse_events(body)
             assert data[-1] == "[DONE]"
-            reasoning = "".join(d["choices"][0]["delta"].get("reasoning_content") or ""
-                                for d in data[:-1] if d.get("choices"))
+            reasoning = delta_text(data, "reasoning_content")
             assert "trying the fallbacks" in reasoning
-            content = "".join(d["choices"][0]["delta"].get("content") or ""
-                              for d in data[:-1] if d.get("choices"))
+            content = delta_text(data, "content")
             assert content.startswith("fake:remote:")
             status = (await client.get("/swapd/status")).json()
             assert status["fallbacks"][0]["served"] == 2
