@@ -303,14 +303,20 @@ class Supervisor:
     async def release(self, lease: Lease) -> None:
         await self._post_shielded(Release(lease))
 
-    async def unload(self) -> None:
-        """Stop the running model once its in-flight requests are done."""
+    async def unload(self) -> bool:
+        """Stop the running model once its in-flight requests are done.
+
+        Bounded by the drain, the stop grace and a cache save; False if that passed.
+        """
         done = trio.Event()
         try:
             await self._send.send(Unload(done))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        await done.wait()
+            return True
+        timeouts = self.config.timeouts
+        with trio.move_on_after(timeouts.drain + timeouts.stop + SLOT_TIMEOUT + 10):
+            await done.wait()
+        return done.is_set()
 
     async def reload(self, config: Config) -> dict[str, Any]:
         """Adopt a new, already validated config; returns what changed.
