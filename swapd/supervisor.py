@@ -823,25 +823,34 @@ class Supervisor:
         timeouts = self.config.timeouts
         proc: process.LlamaProcess | None = None
         error: StartError | None = None
-        with scope:
-            try:
-                await self._check_fits(profile)
-                proc = self._launch(self.config, profile, self.child_log,
-                                    self.slots.argv(profile))
-                assert self._nursery is not None
-                self._nursery.start_soon(self._watch, proc)
-                await proc.wait_ready(timeouts.start, timeouts.health_interval)
-                slots, size = self.slots.restorable(profile)
-                if slots:
-                    await self._post_shielded(Phase(
-                        f"restoring {profile.name}'s prompt cache, {size / 1e6:.1f} MB"))
-                    with trio.move_on_after(SLOT_TIMEOUT):
-                        await self.slots.restore(proc, profile)
-            except StartError as failure:
-                error = failure
-        if (error is not None or scope.cancelled_caught) and proc is not None:
-            await proc.stop(timeouts.stop)
-        await self._post_shielded(StartDone(profile, proc, error))
+        handed_over = False
+        try:
+            with scope:
+                try:
+                    await self._check_fits(profile)
+                    proc = self._launch(self.config, profile, self.child_log,
+                                        self.slots.argv(profile))
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._watch, proc)
+                    await proc.wait_ready(timeouts.start, timeouts.health_interval)
+                    slots, size = self.slots.restorable(profile)
+                    if slots:
+                        await self._post_shielded(Phase(
+                            f"restoring {profile.name}'s prompt cache, {size / 1e6:.1f} MB"))
+                        with trio.move_on_after(SLOT_TIMEOUT):
+                            await self.slots.restore(proc, profile)
+                except StartError as failure:
+                    error = failure
+            if (error is not None or scope.cancelled_caught) and proc is not None:
+                await proc.stop(timeouts.stop)
+            await self._post_shielded(StartDone(profile, proc, error))
+            handed_over = True
+        finally:
+            # Cancelled from outside (the supervisor itself is going away): the child
+            # is nobody else's yet, so it must not outlive this task.
+            if not handed_over and proc is not None and proc.alive:
+                with trio.CancelScope(shield=True):  # bounded by stop()'s own grace
+                    await proc.stop(timeouts.stop)
 
     async def _check_fits(self, profile: Profile) -> None:
         """memory.guard: refuse a start whose estimate exceeds the GPU, with a fix."""

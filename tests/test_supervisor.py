@@ -574,3 +574,16 @@ profiles:
             await sup.acquire("a")
         assert launcher.launched == []  # nothing was spawned
         await sup.shutdown()
+
+
+async def test_a_cancelled_supervisor_stops_a_child_that_is_still_starting(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=10.0)
+    async with trio.open_nursery() as outer:
+        sup = await start_supervisor(outer, make_config(tmp_path), launcher)
+        outer.start_soon(use, sup, "a")
+        await trio.sleep(1)
+        assert sup.state is State.STARTING and sup.proc is None
+        outer.cancel_scope.cancel()  # e.g. an error elsewhere, or a forced shutdown
+    (proc,) = launcher.launched
+    assert not proc.alive and proc.stopped_at is not None
