@@ -400,8 +400,12 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
         if not isinstance(name, str) or not name:
             return _openai_error(400, "name the profile to load: {\"model\": \"NAME\"}",
                                  "invalid_request_error", "model_required")
+        timeouts = fe.config.timeouts
+        # An operator asked for this load: wait as long as one may take (drain the
+        # running model, stop it, start this one), not just a request's queue_wait.
+        wait = max(timeouts.queue_wait, timeouts.drain + timeouts.stop + timeouts.start)
         try:
-            async with fe.supervisor.lease(name) as lease:
+            async with fe.supervisor.lease(name, queue_wait=wait) as lease:
                 return _json({"status": "loaded", "model": lease.profile.name,
                               "pid": lease.proc.pid})
         except LeaseError as error:

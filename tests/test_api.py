@@ -490,3 +490,11 @@ async def test_quart_errors_are_openai_shaped_and_native_paths_are_proxied(
         assert ps[0]["expires_at"].startswith("2318-")  # ttl 0: it never unloads
         unknown = await client.post("/swapd/load", json={"model": "nope"})
         assert "available: a, alpha, b" in unknown.json()["error"]["message"]
+
+
+async def test_an_explicit_load_waits_longer_than_queue_wait(tmp_path: Path) -> None:
+    async with swapd(tmp_path, timeouts={"queue_wait": "500ms"},
+                     a_flags={"fake-load-ms": 1500}) as (running, client):
+        loaded = await client.post("/swapd/load", json={"model": "a"})  # 1.5 s > 0.5 s
+        assert loaded.status_code == 200 and loaded.json()["model"] == "a"
+        assert running.supervisor.active.name == "a"  # type: ignore[union-attr]
