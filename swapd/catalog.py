@@ -14,8 +14,7 @@ import os
 import attrs
 
 from .config import Config, Profile
-from .estimate import Estimate, LayoutCache, estimate_profile
-from .ggufmeta import GGUFError, read_info
+from .estimate import Estimate, LayoutCache, ModelLayoutError, estimate_profile
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,17 @@ def build_catalog(config: Config) -> dict[str, ModelEntry]:
 def _entry(profile: Profile, layouts: LayoutCache) -> ModelEntry:
     architecture, ctx_train, size, modified, model_name = "llama", None, 0, 0.0, None
     try:
-        info = read_info(profile.model)
+        layout = layouts.get(profile.model)  # the estimate below reuses this read
         stat = os.stat(profile.model)
-    except (OSError, GGUFError) as error:
+    except (OSError, ModelLayoutError) as error:
         log.debug("no GGUF metadata for %s: %s", profile.name, error)
     else:
-        architecture = info.architecture or architecture
-        ctx_train, size, modified, model_name = (
-            info.context_length, info.file_size, stat.st_mtime, info.name)
+        architecture = layout.architecture or architecture
+        ctx = layout.get("context_length")
+        name = layout.metadata.get("general.name")
+        ctx_train = ctx if isinstance(ctx, int) else None
+        size, modified = stat.st_size, stat.st_mtime
+        model_name = name if isinstance(name, str) else None
     return ModelEntry(
         profile=profile,
         context_length=profile.ctx_size or ctx_train or DEFAULT_CONTEXT,
