@@ -229,7 +229,6 @@ class Supervisor:
             max(64, 4 * config.queue.max_waiting))
         self._leases: set[Lease] = set()
         self._waiting: dict[str, deque[Waiter]] = {}
-        self._n_waiting = 0
         self._draining_since: float | None = None
         self._idle_since = 0.0
         self._start_began: float | None = None
@@ -344,7 +343,7 @@ class Supervisor:
 
     @property
     def n_waiting(self) -> int:
-        return self._n_waiting
+        return sum(len(queue) for queue in self._waiting.values())
 
     @property
     def n_inflight(self) -> int:
@@ -462,21 +461,19 @@ class Supervisor:
         if refusal is not None:
             self._answer(waiter, refusal)
             return
-        if self._n_waiting >= self.config.queue.max_waiting:
+        if self.n_waiting >= self.config.queue.max_waiting:
             self._answer(waiter, QueueFull(self.config.queue.max_waiting,
                                            retry_after=self._retry_after()))
             return
         self._waiting.setdefault(profile.name, deque()).append(waiter)
-        self._n_waiting += 1
-        self._publish("queued", profile=profile.name, waiting=self._n_waiting)
+        self._publish("queued", profile=profile.name, waiting=self.n_waiting)
 
     def _on_withdraw(self, waiter: Waiter) -> None:
         queue = self._waiting.get(waiter.profile)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
-            self._n_waiting -= 1
             waiter.answered = True
-            self._publish("left_queue", profile=waiter.profile, waiting=self._n_waiting)
+            self._publish("left_queue", profile=waiter.profile, waiting=self.n_waiting)
         elif waiter.lease is not None and waiter.lease in self._leases:
             # Granted, but the requester was gone before it could take the lease.
             self._leases.discard(waiter.lease)
@@ -511,7 +508,6 @@ class Supervisor:
             # Everyone waiting for this profile hears why; others keep waiting.
             failure = LocalFailed(error)
             for waiter in self._waiting.pop(profile.name, deque()):
-                self._n_waiting -= 1
                 self._answer(waiter, failure)
             self.active = None
             return
@@ -542,7 +538,6 @@ class Supervisor:
             self.load_seconds.pop(name, None)
         for name in removed:
             for waiter in self._waiting.pop(name, deque()):
-                self._n_waiting -= 1
                 self._answer(waiter, UnknownModel(name, new.model_names()))
         active = self.active.name if self.active else None
         if active is not None and active not in changed and active not in removed:
@@ -606,7 +601,6 @@ class Supervisor:
             assert self.active is not None
             if self._draining_since is None:
                 for waiter in self._waiting.pop(self.active.name, deque()):
-                    self._n_waiting -= 1
                     self._grant(waiter)
                 if self._unload_requested or self._shutting_down or self._others_starved():
                     self._draining_since = trio.current_time()
@@ -628,7 +622,6 @@ class Supervisor:
                 refusal = self._circuit_refusal(name)
                 if refusal is not None:  # opened while they waited
                     for waiter in self._waiting.pop(name):
-                        self._n_waiting -= 1
                         self._answer(waiter, refusal)
             oldest = self._oldest_waiter()
             if oldest is not None and trio.current_time() >= self._retry_at(oldest.profile):
@@ -660,7 +653,7 @@ class Supervisor:
                 deadlines += [q[0].enqueued + bound for name, q in self._waiting.items()
                               if q and name != self.active.name]
                 ttl = self._ttl(self.active)
-                if ttl and not self._leases and not self._n_waiting:
+                if ttl and not self._leases and not self.n_waiting:
                     deadlines.append(self._idle_since + ttl)
             elif self._leases:
                 deadlines.append(self._draining_since + self.config.timeouts.drain)
@@ -682,7 +675,7 @@ class Supervisor:
                 self._leases.clear()
             return
         ttl = self._ttl(self.active)
-        if ttl and not self._leases and not self._n_waiting and now >= self._idle_since + ttl:
+        if ttl and not self._leases and not self.n_waiting and now >= self._idle_since + ttl:
             log.info("unloading %s after %gs idle (ttl)", self.active.name, ttl)
             self._publish("ttl_expired", profile=self.active.name)
             self._draining_since = now
@@ -766,7 +759,6 @@ class Supervisor:
             for waiter in queue:
                 self._answer(waiter, error)
         self._waiting.clear()
-        self._n_waiting = 0
 
     def _begin_start(self, profile: Profile) -> None:
         assert self._nursery is not None
