@@ -406,10 +406,7 @@ class Supervisor:
             case Acquire(name, waiter):
                 self._on_acquire(name, waiter)
             case Release(lease):
-                if lease in self._leases:
-                    self._leases.discard(lease)
-                    if not self._leases:
-                        self._idle_since = trio.current_time()
+                self._return_lease(lease)
             case Withdraw(waiter):
                 self._on_withdraw(waiter)
             case Unload(done):
@@ -474,9 +471,14 @@ class Supervisor:
             queue.remove(waiter)
             waiter.answered = True
             self._publish("left_queue", profile=waiter.profile, waiting=self.n_waiting)
-        elif waiter.lease is not None and waiter.lease in self._leases:
+        elif waiter.lease is not None:
             # Granted, but the requester was gone before it could take the lease.
-            self._leases.discard(waiter.lease)
+            self._return_lease(waiter.lease)
+
+    def _return_lease(self, lease: Lease) -> None:
+        """A lease came back; the last one out starts the idle clock (TTL)."""
+        if lease in self._leases:
+            self._leases.discard(lease)
             if not self._leases:
                 self._idle_since = trio.current_time()
 
