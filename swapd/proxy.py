@@ -121,6 +121,7 @@ class InferenceProxy:
             body = json.dumps(payload).encode()
         ex.body, ex.payload, ex.stream = body, payload, payload.get("stream") is True
         name = payload.get("model")
+        ex.label = self.metrics.model_label(name)
         resolved = self.config.resolve(name) if name is not None else None
         if name is not None and resolved is None:
             unknown = UnknownModel(name, self.config.model_names())
@@ -137,13 +138,11 @@ class InferenceProxy:
             nursery.cancel_scope.cancel()
 
     def _count(self, ex: _Exchange) -> None:
-        name = ex.payload.get("model")
-        model = self.metrics.model_label(name if isinstance(name, str) else None)
         path = str(ex.scope["path"])
         route = path if path in KNOWN_ROUTES else "/v1/(other)"
-        self.metrics.requests.labels(model, route, str(ex.status or 499)).inc()
+        self.metrics.requests.labels(ex.label, route, str(ex.status or 499)).inc()
         if ex.first_byte is not None:
-            self.metrics.first_byte.labels(model).observe(ex.first_byte - ex.started)
+            self.metrics.first_byte.labels(ex.label).observe(ex.first_byte - ex.started)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         limit = self.config.security.max_body
@@ -173,8 +172,7 @@ class InferenceProxy:
                 lease = await self.supervisor.acquire(profile)
             except LeaseError as error:
                 lease = error
-        self.metrics.queue_wait.labels(self.metrics.model_label(model)).observe(
-            trio.current_time() - ex.started)
+        self.metrics.queue_wait.labels(ex.label).observe(trio.current_time() - ex.started)
         if isinstance(lease, LeaseError):
             if isinstance(lease, LocalFailed | CircuitOpen) and self.fallbacks:
                 await self._remote(ex, self.fallbacks.fallbacks, reason=str(lease))
@@ -279,6 +277,7 @@ class _Exchange:
     body: bytes = b""
     payload: dict[str, Any] = attrs.field(factory=dict)
     stream: bool = False
+    label: str = "(none)"  # the request's model as a metrics label; "(none)" if unparsed
     headers_sent: bool = False
     status: int = 0
     started: float = attrs.field(factory=trio.current_time)
