@@ -423,6 +423,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
         except ConfigError as error:
             log.error("reload rejected; the running config stays:\n%s", error)
             return _openai_error(400, str(error), "invalid_request_error", "invalid_config")
+        except LeaseError as error:  # swapd is shutting down
+            return _openai_error(error.status, str(error), error.type, error.code)
 
     @app.route("/swapd/unload", methods=["POST"])
     async def unload() -> Response:

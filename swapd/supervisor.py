@@ -153,7 +153,7 @@ class Shutdown:
 @attrs.frozen
 class Reload:
     config: Config
-    reply: trio.MemorySendChannel[dict[str, Any]]
+    reply: trio.MemorySendChannel[dict[str, Any] | LeaseError]
 
 
 @attrs.frozen
@@ -324,9 +324,15 @@ class Supervisor:
         are unchanged. A changed one keeps serving until the next swap; a removed one is
         unloaded once idle. Requests waiting for a removed profile get 404.
         """
-        reply_send, reply_receive = trio.open_memory_channel[dict[str, Any]](1)
-        await self._send.send(Reload(config, reply_send))
-        return await reply_receive.receive()
+        reply_send, reply_receive = trio.open_memory_channel[dict[str, Any] | LeaseError](1)
+        try:
+            await self._send.send(Reload(config, reply_send))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ShuttingDown() from None
+        result = await reply_receive.receive()  # always answered, by the loop or its exit
+        if isinstance(result, LeaseError):
+            raise result
+        return result
 
     async def shutdown(self) -> None:
         """Ask ``run`` to drain, stop the child and return."""
@@ -400,6 +406,20 @@ class Supervisor:
                     self._handle(await self._receive.receive())
                 self._on_timers()
                 self._schedule()
+            # Answer what is still queued, so nobody waits on a loop that is gone; a
+            # later send finds the channel closed and reads that as ShuttingDown too.
+            while True:
+                try:
+                    message = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    return
+                match message:
+                    case Acquire(_, waiter):
+                        self._answer(waiter, ShuttingDown())
+                    case Reload(_, reply):
+                        reply.send_nowait(ShuttingDown())
+                    case Unload(done):
+                        done.set()
 
     def _handle(self, message: Message) -> None:
         match message:

@@ -587,3 +587,15 @@ async def test_a_cancelled_supervisor_stops_a_child_that_is_still_starting(
         outer.cancel_scope.cancel()  # e.g. an error elsewhere, or a forced shutdown
     (proc,) = launcher.launched
     assert not proc.alive and proc.stopped_at is not None
+
+
+async def test_nothing_waits_on_a_supervisor_that_has_stopped(tmp_path: Path,
+                                                               autojump_clock: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), FakeLauncher())
+        await sup.shutdown()  # queued first: the loop exits on it
+        with pytest.raises(ShuttingDown):
+            await sup.reload(make_config(tmp_path))  # queued behind it, answered on exit
+    with pytest.raises(ShuttingDown):
+        await sup.reload(make_config(tmp_path))  # after: the channel is closed
+    assert await sup.unload() is True
