@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .client import Answer, Connection, HttpError, build_request, clock
@@ -35,6 +36,23 @@ class Run:
         self.errors += 1
         if len(self.error_examples) < 5:
             self.error_examples.append(text)
+
+
+async def _timed(run: Run, conns: list[Connection],
+                 worker: Callable[[Connection], Awaitable[None]]) -> Run:
+    """Run one worker per connection, recording wall and client CPU time and connects;
+    the connections are closed whatever happens."""
+    try:
+        cpu0, t0 = time.process_time(), clock()
+        await asyncio.gather(*(worker(c) for c in conns))
+        run.wall = clock() - t0
+        run.client_cpu = time.process_time() - cpu0
+        run.connects = sum(c.connects for c in conns)
+        run.connect_seconds = [s for c in conns for s in c.connect_seconds]
+    finally:
+        for conn in conns:
+            conn.close()
+    return run
 
 
 def _check(answer: Answer, run: Run, *, stream: bool) -> bool:
@@ -102,16 +120,11 @@ async def concurrent(port: int, body: bytes, clients: int, per_client: int,
 
     try:
         await asyncio.gather(*(warm(c) for c in conns))
-        cpu0, t0 = time.process_time(), clock()
-        await asyncio.gather(*(worker(c) for c in conns))
-        run.wall = clock() - t0
-        run.client_cpu = time.process_time() - cpu0
-        run.connects = sum(c.connects for c in conns)
-        run.connect_seconds = [s for c in conns for s in c.connect_seconds]
-    finally:
+    except BaseException:
         for conn in conns:
             conn.close()
-    return run
+        raise
+    return await _timed(run, conns, worker)
 
 
 async def one_stream(port: int, body: bytes, *, count: int = 1,
@@ -164,14 +177,4 @@ async def held_streams(port: int, body: bytes, clients: int, hold: float) -> Run
             run.latencies.append(answer.latency)
             run.ttfbs.append(answer.first_event_at - answer.started)
 
-    try:
-        cpu0, t0 = time.process_time(), clock()
-        await asyncio.gather(*(worker(c) for c in conns))
-        run.wall = clock() - t0
-        run.client_cpu = time.process_time() - cpu0
-        run.connects = sum(c.connects for c in conns)
-        run.connect_seconds = [s for c in conns for s in c.connect_seconds]
-    finally:
-        for conn in conns:
-            conn.close()
-    return run
+    return await _timed(run, conns, worker)
