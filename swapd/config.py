@@ -57,13 +57,14 @@ from swapd.errors import ConfigError
 from swapd.flags import SWAPD_OWNED, FlagValue, canonical_flag, format_value
 
 __all__ = [
-    "Config", "Fallback", "FlagValue", "FrozenDict", "Listen", "LlamaServer", "Logs",
-    "Profile", "Progress", "Queue", "Restart", "Security", "Timeouts",
+    "Config", "Fallback", "FlagValue", "FrozenDict", "Gpu", "Listen", "LlamaServer", "Logs",
+    "Profile", "Progress", "Queue", "Residency", "Restart", "Security", "Timeouts",
     "default_state_dir", "load_config", "missing_model_files", "parse_config",
     "parse_duration", "parse_size",
 ]
 
 K = TypeVar("K")
+T = TypeVar("T")
 V = TypeVar("V")
 
 
@@ -465,12 +466,39 @@ def _read_flags(value: object) -> FrozenDict[str, FlagValue]:
     return FrozenDict(flags)
 
 
+def _read_gpu_choice(value: object) -> tuple[int, ...]:
+    """A profile's ``gpu``: ``auto`` (any one GPU: empty), an id, or a list of ids (split)."""
+    if value is None or value == "auto":
+        return ()
+    items = value if isinstance(value, list) else [value]
+    ids: list[int] = []
+    for item in items:
+        if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+            raise _Problem(f"expected 'auto', a GPU id (0, 1, ...) or a list of ids, "
+                           f"got {_show(value)}")
+        if item in ids:
+            raise _Problem(f"GPU {item} is listed twice")
+        ids.append(item)
+    if not ids:
+        raise _Problem("an empty list names no GPU", hint="write 'auto' or a GPU id")
+    return tuple(ids)
+
+
+def _read_mode(value: object) -> str:
+    if value in ("count", "budget"):
+        return str(value)
+    raise _Problem(f"expected 'count' or 'budget', got {_show(value)}",
+                   hint="'budget' lets each GPU's memory decide which models stay loaded")
+
+
 # Field types: what a field holds (for mypy and readers of the code) and how it is read.
 Seconds = Annotated[float, _bounded(parse_duration, 0, unit="s")]
 PositiveSeconds = Annotated[float, _bounded(parse_duration, 0, exclusive=True, unit="s")]
 Count = Annotated[int, _bounded(_whole_number, 0)]
 PositiveCount = Annotated[int, _bounded(_whole_number, 1)]
 PositiveBytes = Annotated[int, _bounded(parse_size, 0, exclusive=True, unit=" bytes")]
+Bytes = Annotated[int, _bounded(parse_size, 0, unit=" bytes")]
+GpuChoice = Annotated[tuple[int, ...], _Reader(_read_gpu_choice)]
 Port = Annotated[int, _Reader(_port)]
 EnvName = Annotated[str, _Reader(_env_name)]
 Env = Annotated[Mapping[str, str], _Reader(_read_env)]
@@ -498,6 +526,10 @@ def _freeze_profiles(profiles: Mapping[str, Profile]) -> Mapping[str, Profile]:
 
 def _str_tuple(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(items)
+
+
+def _int_tuple(items: int | Iterable[int]) -> tuple[int, ...]:
+    return (items,) if isinstance(items, int) else tuple(items)
 
 
 def _fallback_tuple(items: Iterable[Fallback]) -> tuple[Fallback, ...]:
@@ -620,6 +652,39 @@ class Memory:
 
 
 @attrs.frozen
+class Gpu:
+    """A device swapd may load models on, and the bytes of it that models may use."""
+
+    id: Count
+    memory: PositiveBytes
+
+
+def _gpu_tuple(items: Iterable[Gpu]) -> tuple[Gpu, ...]:
+    return tuple(items)
+
+
+@attrs.frozen
+class Residency:
+    """How many models stay loaded at once (docs/residency.md).
+
+    ``mode: count`` (the default) keeps at most ``max_models`` (default 1: one model at a
+    time); ``mode: budget`` lets each GPU's memory less ``reserve`` decide, with
+    ``max_models`` as an optional cap on top (default: none).
+    """
+
+    mode: Annotated[str, _Reader(_read_mode)] = "count"
+    max_models: PositiveCount | None = None
+    reserve: Bytes = 512 * 2**20
+
+    @property
+    def cap(self) -> int | None:
+        """The most models resident at once; None: only memory limits it."""
+        if self.max_models is not None:
+            return self.max_models
+        return 1 if self.mode == "count" else None
+
+
+@attrs.frozen
 class Cache:
     """Warm return: llama-server's slot KV caches saved before a swap, restored after."""
 
@@ -641,6 +706,10 @@ class Profile:
     flags: Flags = attrs.field(default=FrozenDict(), converter=_freeze_flags)
     description: str | None = None
     keep_cache: bool | None = None  # None: cache.keep
+    pinned: bool = False  # loaded at start, never evicted by the planner
+    preload: bool = False  # loaded at start, evictable like any other
+    gpu: GpuChoice = attrs.field(default=(), converter=_int_tuple)  # () = auto
+    memory: PositiveBytes | None = None  # footprint when the estimate cannot size it
 
     @property
     def label(self) -> str:
@@ -693,6 +762,8 @@ class Config:
     security: Security = attrs.field(factory=Security)
     cache: Cache = attrs.field(factory=Cache)
     memory: Memory = attrs.field(factory=Memory)
+    gpus: tuple[Gpu, ...] = attrs.field(default=(), converter=_gpu_tuple)
+    residency: Residency = attrs.field(factory=Residency)
     profiles: Mapping[str, Profile] = attrs.field(converter=_freeze_profiles)
     fallbacks: tuple[Fallback, ...] = attrs.field(default=(), converter=_fallback_tuple)
 
@@ -701,6 +772,23 @@ class Config:
         if port is not None and port == self.listen.port:
             raise _Problem(f"port {port} is also swapd's listen port",
                            hint="choose another port or 'auto'", at="llama_server.port")
+        ids = [gpu.id for gpu in self.gpus]
+        for index, gpu_id in enumerate(ids):
+            if gpu_id in ids[:index]:
+                raise _Problem(f"GPU {gpu_id} is listed twice", at=f"gpus[{index}].id")
+        for profile in self.profiles.values():
+            unknown = [g for g in profile.gpu if self.gpus and g not in ids]
+            if unknown:
+                raise _Problem(f"GPU {unknown[0]} is not in gpus ({', '.join(map(str, ids))})",
+                               hint="add it to gpus or use gpu: auto",
+                               at=f"profiles.{profile.name}.gpu")
+        pinned = [p.name for p in self.profiles.values() if p.pinned]
+        cap = self.residency.cap
+        if cap is not None and len(pinned) > cap:
+            raise _Problem(f"{len(pinned)} profiles are pinned ({', '.join(pinned)}) but at "
+                           f"most {cap} model(s) may be loaded at once",
+                           hint="raise residency.max_models or use residency.mode: budget",
+                           at="residency")
 
     def resolve(self, name: str) -> Profile | Fallback | None:
         """What a client's ``model`` names: a profile by name or alias, else a fallback by
@@ -825,23 +913,27 @@ def _converter(base_dir: Path | None) -> cattrs.Converter:
             raise _Problem("unknown key 'name'", hint=f"a profile's name is its key, {name!r}")
         return conv.structure({**body, "name": name}, Profile)
 
-    def structure_fallbacks(value: object, _type: Any) -> tuple[Fallback, ...]:
-        if value is None:
-            return ()
-        if not isinstance(value, list):
-            raise _Problem(f"expected a list of fallbacks, got {_show(value)}",
-                           hint="start each one with '- name:'")
-        fallbacks: list[Fallback] = []
-        errors: list[Exception] = []
-        for index, item in enumerate(value):
-            try:
-                fallbacks.append(conv.structure(item, Fallback))
-            except Exception as error:  # collected and rendered with its path, like cattrs
-                error.add_note(IterableValidationNote(f"fallback {index}", index, Fallback))
-                errors.append(error)
-        if errors:
-            raise IterableValidationError("invalid fallbacks", errors, tuple)
-        return tuple(fallbacks)
+    def structure_list(cls: type[T], what: str, hint: str) -> Callable[[Any, Any], tuple[T, ...]]:
+        """A list of settings mappings (fallbacks, gpus), each problem with its index."""
+
+        def structure(value: object, _type: Any) -> tuple[T, ...]:
+            if value is None:
+                return ()
+            if not isinstance(value, list):
+                raise _Problem(f"expected a list of {what}s, got {_show(value)}", hint=hint)
+            items: list[T] = []
+            errors: list[Exception] = []
+            for index, item in enumerate(value):
+                try:
+                    items.append(conv.structure(item, cls))
+                except Exception as error:  # collected and rendered with its path
+                    error.add_note(IterableValidationNote(f"{what} {index}", index, cls))
+                    errors.append(error)
+            if errors:
+                raise IterableValidationError(f"invalid {what}s", errors, tuple)
+            return tuple(items)
+
+        return structure
 
     def strict(check: Callable[[object], Any]) -> Callable[[Any, Any], Any]:
         return lambda value, _type: check(value)
@@ -854,7 +946,12 @@ def _converter(base_dir: Path | None) -> cattrs.Converter:
     conv.register_structure_hook_factory(attrs.has, structure_class)
     conv.register_structure_hook(Listen, structure_listen)
     conv.register_structure_hook_func(lambda t: t == Mapping[str, Profile], structure_profiles)
-    conv.register_structure_hook_func(lambda t: t == tuple[Fallback, ...], structure_fallbacks)
+    conv.register_structure_hook_func(
+        lambda t: t == tuple[Fallback, ...],
+        structure_list(Fallback, "fallback", "start each one with '- name:'"))
+    conv.register_structure_hook_func(
+        lambda t: t == tuple[Gpu, ...],
+        structure_list(Gpu, "gpu", "e.g. gpus: [{id: 0, memory: 24GiB}]"))
     conv.register_structure_hook_factory(lambda t: _reader_of(t) is not None, _reader_hook)
     return conv
 

@@ -135,6 +135,23 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
     "fallbacks[].api_key_env": "Environment variable holding the upstream's key (never "
                                "the client's, never logged).",
     "fallbacks[].timeout": "Connect and health-check timeout.",
+    "gpus": "The GPUs swapd may load models on, each with the memory models may use. "
+            "Default: one GPU, id 0, sized by memory.gpu or nvidia-smi.",
+    "gpus[]": "One GPU.",
+    "gpus[].id": "The device id, as CUDA_VISIBLE_DEVICES and --device count them.",
+    "gpus[].memory": "The GPU's memory (24GiB); residency.reserve is kept free of it.",
+    "residency": "How many models stay loaded at once (docs/residency.md).",
+    "residency.mode": "count: at most max_models at once; budget: each GPU's memory "
+                      "decides which models fit together.",
+    "residency.max_models": "The most models loaded at once. Default: 1 with mode count "
+                            "(one at a time), no cap with mode budget.",
+    "residency.reserve": "Memory per GPU that no plan uses (display, other programs).",
+    "profiles.NAME.pinned": "Loaded at start and never evicted to make room for another.",
+    "profiles.NAME.preload": "Loaded at start; evictable like any other model.",
+    "profiles.NAME.gpu": "auto (any one GPU), a GPU id, or a list of ids to split the "
+                         "model across (--tensor-split).",
+    "profiles.NAME.memory": "The model's footprint on the GPU, for models the GGUF "
+                            "estimate cannot size; overrides the estimate.",
 })
 """Hover text per config key, spelled like the keys in ``docs/configuration.md``."""
 
@@ -208,6 +225,11 @@ _READERS: Mapping[Any, Schema] = cfg.FrozenDict({
     cfg.Count: {"type": "integer", "minimum": 0},
     cfg.PositiveCount: {"type": "integer", "minimum": 1},
     cfg.PositiveBytes: _size(positive=True),
+    cfg.Bytes: _size(positive=False),
+    cfg.GpuChoice: {"anyOf": [{"const": "auto"}, {"type": "null"},
+                              {"type": "integer", "minimum": 0},
+                              {"type": "array", "minItems": 1, "uniqueItems": True,
+                               "items": {"type": "integer", "minimum": 0}}]},
     cfg.Port: _PORT,
     cfg.EnvName: {"type": "string", "pattern": f"^{cfg._ENV_NAME.pattern}$"},
     cfg.Env: _ENV,
@@ -226,6 +248,7 @@ _READ_FUNCTIONS: Mapping[Any, Schema] = cfg.FrozenDict({
                                 {"type": "integer", "minimum": 1, "maximum": 65535}]},
     cfg._http_url: {"type": "string", "pattern": "^\\s*https?://[^/\\s]+"},
     cfg._nonempty_text: {"type": "string", "pattern": "\\S"},
+    cfg._read_mode: {"anyOf": [{"const": "count"}, {"const": "budget"}]},
 })
 """Readers written for one field (``Annotated[..., _Reader(fn)]``), by function."""
 
@@ -301,10 +324,10 @@ def _field_type(hint: Any, key: str, defs: dict[str, Schema]) -> Schema:
         profile["description"] = DESCRIPTIONS[f"{key}.NAME"]
         return {"type": "object", "minProperties": 1, "propertyNames": _NAME,
                 "additionalProperties": profile}
-    if origin is tuple and args == (cfg.Fallback, ...):
-        fallback = _named(cfg.Fallback, f"{key}[]", defs, nullable=False)
-        fallback["description"] = DESCRIPTIONS[f"{key}[]"]
-        return {"type": ["array", "null"], "items": fallback}
+    if origin is tuple and len(args) == 2 and args[1] is ... and attrs.has(args[0]):
+        item = _named(args[0], f"{key}[]", defs, nullable=False)
+        item["description"] = DESCRIPTIONS[f"{key}[]"]
+        return {"type": ["array", "null"], "items": item}
     simple: dict[Any, Schema] = {str: {"type": "string"}, bool: {"type": "boolean"},
                                  int: {"type": "integer"}, float: {"type": "number"},
                                  Path: {"type": "string", "minLength": 1}}

@@ -19,6 +19,7 @@ from swapd.config import (
     Profile,
     Progress,
     Queue,
+    Residency,
     Restart,
     Security,
     Timeouts,
@@ -216,7 +217,7 @@ def test_example_config_loads() -> None:
 def test_example_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     for cls in (Config, LlamaServer, Timeouts, Queue, Restart, Progress, Logs, Security,
-                Profile, Fallback):
+                Profile, Fallback, Residency):
         for field in attrs.fields(cls):
             if (cls, field.name) != (Profile, "name"):  # a profile's name is its key
                 assert f" {field.name}:" in text or f"\n{field.name}:" in text, field.name
@@ -527,10 +528,39 @@ def test_direct_construction_freezes_collections() -> None:
      "unknown key 'api_key' @ fallbacks[0] — did you mean 'api_key_env'?"),
     (MINIMAL + "fallbacks:\n  name: f\n",
      "expected a list of fallbacks, got a mapping @ fallbacks — start each one with '- name:'"),
+    # gpus and residency
+    (MINIMAL + "gpus: [{id: 0, memory: 24GiB}, {id: 0, memory: 8GiB}]\n",
+     "GPU 0 is listed twice @ gpus[1].id"),
+    (MINIMAL + "gpus: [{id: 0}]\n", "missing required key 'memory' @ gpus[0]"),
+    (MINIMAL + "gpus: [{id: 0, memory: lots}]\n",
+     "expected a size like 512KiB, 16MiB or 1GiB, got 'lots' @ gpus[0].memory"),
+    ("gpus: [{id: 0, memory: 24GiB}]\nprofiles:\n  q: {model: m, gpu: 1}\n",
+     "GPU 1 is not in gpus (0) @ profiles.q.gpu — add it to gpus or use gpu: auto"),
+    ("profiles:\n  q: {model: m, gpu: [0, 0]}\n", "GPU 0 is listed twice @ profiles.q.gpu"),
+    ("profiles:\n  q: {model: m, gpu: first}\n",
+     "expected 'auto', a GPU id (0, 1, ...) or a list of ids, got 'first' @ profiles.q.gpu"),
+    (MINIMAL + "residency: {mode: vram}\n",
+     "expected 'count' or 'budget', got 'vram' @ residency.mode"),
+    ("profiles:\n  a: {model: m, pinned: true}\n  b: {model: m, pinned: true}\n",
+     "2 profiles are pinned (a, b) but at most 1 model(s) may be loaded at once @ residency"
+     " — raise residency.max_models or use residency.mode: budget"),
 ])
 def test_error_messages(text: str, problem: str) -> None:
     problems = problems_of(text)
     assert any(problem in found for found in problems), problems
+
+
+def test_residency_defaults_keep_one_model_at_a_time() -> None:
+    config = parse_config(MINIMAL)
+    assert config.residency.cap == 1 and config.gpus == ()
+    budget = parse_config(MINIMAL + "residency: {mode: budget}\n"
+                          "gpus: [{id: 0, memory: 24GiB}, {id: 1, memory: 48GiB}]\n")
+    assert budget.residency.cap is None
+    assert [(g.id, g.memory) for g in budget.gpus] == [(0, 24 * 2**30), (1, 48 * 2**30)]
+    split = parse_config("profiles:\n  q: {model: m, gpu: [0, 1], pinned: true, "
+                         "memory: 30GiB}\n")
+    assert split.profiles["q"].gpu == (0, 1) and split.profiles["q"].memory == 30 * 2**30
+    assert parse_config("profiles:\n  q: {model: m, gpu: 1}\n").profiles["q"].gpu == (1,)
 
 
 def test_every_problem_is_reported_not_just_the_first() -> None:

@@ -19,7 +19,7 @@ def config_keys() -> set[str]:
     """Every key a config file may contain, as the reference names it."""
     keys = set()
     sections = {"listen": None, "state_dir": None, "ttl": None, "profiles": None,
-                "fallbacks": None}
+                "fallbacks": None, "gpus": None}
     for field in attrs.fields(cfg.Config):
         if field.name in sections:
             keys.add(field.name)
@@ -30,6 +30,7 @@ def config_keys() -> set[str]:
         keys |= {f"{field.name}.{sub.name}" for sub in attrs.fields(nested)}
     keys |= {f"profiles.NAME.{f.name}" for f in attrs.fields(cfg.Profile) if f.name != "name"}
     keys |= {f"fallbacks[].{f.name}" for f in attrs.fields(cfg.Fallback)}
+    keys |= {f"gpus[].{f.name}" for f in attrs.fields(cfg.Gpu)}
     return keys
 
 

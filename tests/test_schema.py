@@ -165,9 +165,9 @@ def schema_keys(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if name == "profiles" and not prefix:
                 yield "profiles.NAME", prop["additionalProperties"]
                 yield from walk(resolve(prop["additionalProperties"]), "profiles.NAME.")
-            if name == "fallbacks" and not prefix:
-                yield "fallbacks[]", prop["items"]
-                yield from walk(resolve(prop["items"]), "fallbacks[].")
+            if name in ("fallbacks", "gpus") and not prefix:
+                yield f"{name}[]", prop["items"]
+                yield from walk(resolve(prop["items"]), f"{name}[].")
 
     return dict(walk(schema, ""))
 
@@ -190,11 +190,12 @@ def attrs_keys() -> set[str]:
     walk(cfg.Config, "")
     walk(cfg.Profile, "profiles.NAME.")
     walk(cfg.Fallback, "fallbacks[].")
+    walk(cfg.Gpu, "gpus[].")
     return keys
 
 
 def test_every_attrs_field_is_in_the_schema() -> None:
-    described = set(schema_keys(config_schema())) - {"profiles.NAME", "fallbacks[]"}
+    described = set(schema_keys(config_schema())) - {"profiles.NAME", "fallbacks[]", "gpus[]"}
     assert attrs_keys() - described == set(), "fields missing from the schema"
     assert described - attrs_keys() == set(), "the schema names fields the code lacks"
 
