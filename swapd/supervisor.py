@@ -687,12 +687,11 @@ class Supervisor:
             return
         if self._draining_since is not None:
             if self._leases and now >= self._draining_since + self.config.timeouts.drain:
-                log.warning("drain of %s took longer than %gs; cutting %d request(s)",
-                            self.active.name, self.config.timeouts.drain, len(self._leases))
+                why = (f"{self._drain_cause()} and the request did not finish within "
+                       f"timeouts.drain ({self.config.timeouts.drain:g}s)")
+                log.warning("cutting %d request(s): %s", len(self._leases), why)
                 for lease in self._leases:
-                    lease.revoked_because = (
-                        f"model {self.active.name!r} is being swapped out "
-                        f"(timeouts.drain {self.config.timeouts.drain:g}s passed)")
+                    lease.revoked_because = why
                     lease.scope.cancel()
                 self._leases.clear()
             return
@@ -702,6 +701,25 @@ class Supervisor:
             self._publish("ttl_expired", profile=self.active.name)
             self._draining_since = now
             self._begin_stop()
+
+    def _drain_cause(self) -> str:
+        """Why the active model is draining, in the words its cut requests will read.
+
+        A TTL unload never cuts anyone: it begins only when no request is in flight.
+        """
+        assert self.active is not None
+        name = self.active.name
+        if self._shutting_down:
+            return "swapd is shutting down"
+        if name not in self.config.profiles:  # a reload took it out: _on_reload
+            return f"model {name!r} was removed from the config by a reload"
+        if self._unload_requested:
+            return f"model {name!r} is being unloaded (swapd unload / POST /swapd/unload)"
+        others = [q[0] for n, q in self._waiting.items() if q and n != name]
+        if others:
+            after = min(others, key=lambda w: w.enqueued).profile
+            return f"model {name!r} is being swapped out for {after!r}"
+        return f"model {name!r} is being stopped"
 
     def _record_failure(self, name: str, why: str) -> None:
         """Count a failed start or crash: back off, and open the circuit at the limit."""
@@ -912,6 +930,7 @@ class Supervisor:
     async def _stop_now(self) -> None:
         """Last resort when ``run`` ends: the child never outlives the supervisor."""
         for lease in self._leases:
+            lease.revoked_because = "swapd stopped at once, without waiting for requests"
             lease.scope.cancel()
         if self.proc is not None and self.proc.alive:
             await self.proc.stop(self.config.timeouts.stop)
