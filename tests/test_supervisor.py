@@ -635,11 +635,10 @@ async def test_a_request_cut_by_a_stop_at_once_hears_why(tmp_path: Path,
         with lease.scope:
             await trio.sleep_forever()
 
-    async with trio.open_nursery() as clients:
-        async with trio.open_nursery() as nursery:
-            sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
-            await clients.start(holder)
-            nursery.cancel_scope.cancel()  # a second stop signal, or an internal error
+    async with trio.open_nursery() as clients, trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await clients.start(holder)
+        nursery.cancel_scope.cancel()  # a second stop signal, or an internal error
     (lease,) = lease_box
     assert lease.scope.cancelled_caught
     assert lease.revoked_because == "swapd stopped at once, without waiting for requests"
