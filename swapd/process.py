@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import io
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import trio
 from .config import Config, Profile
 from .errors import StartFailed, StartTimeout
 from .flags import build_argv
+from .statedir import WriteErrors
 from .upstream import ChildPool, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -56,45 +58,74 @@ class ChildLog:
     """Output of every child swapd ran: recent lines in memory, all of them in a file.
 
     The file lives in ``state_dir`` and is rotated to ``<name>.1`` when it passes
-    ``max_bytes``, so a chatty model can never fill the disk. Writes are plain buffered
-    writes flushed once per read from the pipe: the kernel's page cache absorbs them.
+    ``max_bytes``, so a chatty model can never fill the disk. Each batch of lines read
+    from the pipe is one unbuffered write: the kernel's page cache absorbs them.
+
+    A write that fails (a full disk, a read-only state_dir) never stops the reading, so
+    the model keeps serving: the lines stay in memory, ``errors`` counts the failure and
+    warns once, and the next batch tries again (reopening the file).
     """
 
-    def __init__(self, path: Path | None, *, max_bytes: int, tail_lines: int) -> None:
+    def __init__(self, path: Path | None, *, max_bytes: int, tail_lines: int,
+                 errors: WriteErrors | None = None) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.errors = errors if errors is not None else WriteErrors()
         self.lines: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.written = 0
         """Lines written so far; readers of ``lines`` use it to find what is new."""
         self._changed = trio.Event()
-        self._file = None
+        self._file: io.FileIO | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+            with contextlib.suppress(OSError):  # counted at the first write that fails
+                self._open()
 
     def write(self, lines: Sequence[str]) -> None:
         self.lines.extend(lines)
         self.written += len(lines)
-        if self._file is not None:
-            self._file.write("".join(line + "\n" for line in lines).encode())
-            self._file.flush()
-            if self._file.tell() > self.max_bytes:
-                self._rotate()
+        if self.path is not None:
+            self._write_file("".join(line + "\n" for line in lines).encode())
         self._changed.set()
         self._changed = trio.Event()
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
+    def _open(self) -> io.FileIO:
+        assert self.path is not None
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = io.FileIO(self.path, "ab")
+        return self._file
+
+    def _write_file(self, data: bytes) -> None:
+        assert self.path is not None
+        try:
+            file = self._open()
+            view = memoryview(data)
+            while view:  # a short write is possible on a nearly full disk
+                written = file.write(view)
+                if not written:
+                    raise OSError(errno.EIO, "the log file took no bytes")
+                view = view[written:]
+            if file.tell() > self.max_bytes:
+                self._rotate()
+        except OSError as error:
+            self.close()  # the next write reopens: the disk may have room again
+            self.errors.failed("log", self.path, error)
+        else:
+            self.errors.succeeded("log")
+
     def _rotate(self) -> None:
-        assert self._file is not None and self.path is not None
-        self._file.close()
+        assert self.path is not None
+        self.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._file = open(self.path, "ab")  # noqa: SIM115
+        self._open()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
 
@@ -220,7 +251,8 @@ class LlamaProcess:
         self._log_sink = log_sink
         self.pidfile = pidfile
         if pidfile is not None:
-            write_pidfile(pidfile, self.pid, self.argv[0])
+            write_pidfile(pidfile, self.pid, self.argv[0],
+                          errors=log_sink.errors if log_sink is not None else None)
         self._wake = trio.Event()  # set by the readiness line and by the exit
         self._output_done = trio.Event()
         assert popen.stdout is not None
@@ -418,7 +450,9 @@ def _start_ticks(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
-def write_pidfile(path: Path, pid: int, program: str) -> None:
+def write_pidfile(path: Path, pid: int, program: str, *,
+                  errors: WriteErrors | None = None) -> None:
+    """Record the child for a swapd that comes after; a failed write is never fatal."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -426,7 +460,13 @@ def write_pidfile(path: Path, pid: int, program: str) -> None:
                                    "program": program, "swapd_pid": os.getpid()}))
         tmp.replace(path)
     except OSError as error:
-        log.warning("cannot write %s: %s", path, error)
+        if errors is None:
+            log.warning("cannot write %s: %s", path, error)
+        else:
+            errors.failed("pidfile", path, error)
+    else:
+        if errors is not None:
+            errors.succeeded("pidfile")
 
 
 def clear_pidfile(path: Path, pid: int) -> None:

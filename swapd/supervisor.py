@@ -51,6 +51,7 @@ from .errors import (
 )
 from .estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
 from .slotcache import SLOT_TIMEOUT, SlotCache
+from .statedir import WriteErrors
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,8 @@ class Supervisor:
         self.config = config
         self._launch = launcher
         self.child_log = child_log
+        self.state_writes = child_log.errors if child_log is not None else WriteErrors()
+        """Failed writes into state_dir (log, pidfile, load times, caches): never fatal."""
         self.state = State.IDLE
         self.active: Profile | None = None
         self.proc: process.LlamaProcess | None = None
@@ -216,7 +219,7 @@ class Supervisor:
         self.load_seconds: dict[str, float] = _read_load_times(config)
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
         self.health: dict[str, ProfileHealth] = {}
-        self.slots = SlotCache(config.state_dir / "slots", config)
+        self.slots = SlotCache(config.state_dir / "slots", config, self.state_writes)
         self.phase: str | None = None
         """What the running start or stop is doing, when it is more than starting."""
         self.history: deque[dict[str, Any]] = deque(maxlen=50)
@@ -394,6 +397,7 @@ class Supervisor:
             "history": list(self.history),
             "phase": self.phase,
             "cache": self.slots.status(),
+            "state_write_errors": dict(self.state_writes.counts),
             **self.stats,
         }
 
@@ -536,7 +540,7 @@ class Supervisor:
         assert proc.ready_at is not None
         seconds = proc.ready_at - proc.started_at
         self.load_seconds[profile.name] = seconds
-        _write_load_times(self.config, self.load_seconds)
+        _write_load_times(self.config, self.load_seconds, self.state_writes)
         self.proc = proc
         self._transition(State.READY)
         self._idle_since = trio.current_time()
@@ -949,7 +953,7 @@ def _read_load_times(config: Config) -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
 
 
-def _write_load_times(config: Config, times: dict[str, float]) -> None:
+def _write_load_times(config: Config, times: dict[str, float], errors: WriteErrors) -> None:
     path = _load_times_path(config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -957,4 +961,6 @@ def _write_load_times(config: Config, times: dict[str, float]) -> None:
         tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
         tmp.replace(path)
     except OSError as error:
-        log.warning("cannot remember load times in %s: %s", path, error)
+        errors.failed("load_times", path, error)
+    else:
+        errors.succeeded("load_times")

@@ -244,3 +244,26 @@ def test_exit_descriptions() -> None:
     assert process.describe_exit(1) == "exited with code 1"
     assert process.describe_exit(-9) == "was killed by SIGKILL (the kernel's OOM killer?)"
     assert process.describe_exit(-11) == "was killed by SIGSEGV"
+
+
+def test_a_full_disk_never_stops_the_child_log(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Writes that fail (ENOSPC from /dev/full) are counted and warned about once; the
+    lines stay in memory; writing resumes, with one more line of log, once it works."""
+    path = tmp_path / "child.log"
+    path.symlink_to("/dev/full")
+    log = process.ChildLog(path, max_bytes=1 << 20, tail_lines=100)
+    for i in range(20):
+        log.write([f"line {i}"])
+    assert list(log.lines)[-1] == "line 19" and log.written == 20
+    assert log.errors.counts["log"] == 20
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "cannot write the child's log" in warnings[0].getMessage()
+    assert "No space left on device (ENOSPC)" in warnings[0].getMessage()
+    path.unlink()  # room again
+    log.write(["back"])
+    log.close()
+    assert path.read_text() == "back\n"
+    assert log.errors.counts["log"] == 20
+    assert any("works again" in r.getMessage() for r in caplog.records)
