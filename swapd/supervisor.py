@@ -247,8 +247,8 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``; the child is stopped before this returns."""
         self._idle_since = trio.current_time()
-        await process.reap_leftover(self.config.state_dir / process.PIDFILE,
-                                    self.config.timeouts.stop)
+        # Under open_server's lock on state_dir: what an earlier swapd left there is stale.
+        await process.reap_leftovers(self.config.state_dir, self.config.timeouts.stop)
         if self.config.memory.guard and self.config.memory.gpu is None:
             self._detected_gpu = await trio.to_thread.run_sync(detect_gpu_memory)
             if self._detected_gpu is None:

@@ -22,6 +22,8 @@ from swapd.config import parse_config
 from swapd.errors import StateDirBusy
 from swapd.process import free_port
 from swapd.serve import _startup_cause, open_server
+from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.procs import MARKER_VAR, leftover_processes
 from tests.test_api import config_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,3 +286,43 @@ def test_a_startup_failure_names_its_real_cause(tmp_path: Path, error: OSError,
     cause = _startup_cause(BaseExceptionGroup("", [error]), config)
     assert cause is not None and cause.startswith(words)
     assert "another swapd" not in cause or error.errno == errno.EADDRINUSE
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def fake_servers() -> list[int]:
+    """Live fake llama-servers that this test run started."""
+    return [pid for pid, cmdline in leftover_processes(os.environ[MARKER_VAR])
+            if "fake_llama_server.py" in cmdline]
+
+
+def test_a_wrapper_scripts_llama_server_is_reaped_by_the_next_swapd(tmp_path: Path) -> None:
+    """A `command` that starts llama-server without exec: the kernel's death signal
+    reaches only the wrapper, so when swapd is SIGKILLed the model lives on as an orphan.
+    The next swapd on that state_dir stops it before it listens, so it never runs a
+    second model beside it."""
+    wrapper = tmp_path / "llama-wrapper.sh"
+    wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" "{FAKE_LLAMA_SERVER}" "$@"\n'
+                       'status=$?\nexit $status\n')  # no exec: the server is a grandchild
+    wrapper.chmod(0o755)
+    command = {"command": [str(wrapper)]}
+    with running_daemon(tmp_path, llama_server=command) as (first, url, _path):
+        loaded = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()
+        (model,) = children_of(loaded["pid"])
+        assert fake_servers() == [model]
+        first.kill()
+        first.wait()
+        wait_for(lambda: not alive(loaded["pid"]), "the wrapper to die with swapd", 5)
+        assert alive(model)  # the orphan: the old code left it running here
+    with running_daemon(tmp_path, llama_server=command) as (second, url, _path):
+        assert not alive(model)  # stopped before the new swapd even listened
+        loaded = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()
+        assert fake_servers() == children_of(loaded["pid"])  # one model, the new one
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+    assert fake_servers() == []
