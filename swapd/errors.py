@@ -2,6 +2,7 @@
 
     SwapdError
     ├── ConfigError            the manifest is invalid; carries every problem found
+    ├── StateDirBusy           another swapd holds ``state_dir`` (its pid, where it listens)
     ├── StartError             a llama-server did not become ready
     │   ├── StartFailed        it exited during start (exit code + stderr tail)
     │   └── StartTimeout       it was not healthy within ``timeouts.start``
@@ -38,6 +39,20 @@ class ConfigError(SwapdError):
         self.source = source
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+
+
+class StateDirBusy(SwapdError):
+    """Another swapd owns ``state_dir``: a second one must not touch its files or child."""
+
+    def __init__(self, state_dir: str, pid: int | None, listen: str | None) -> None:
+        self.state_dir = state_dir
+        self.pid = pid
+        self.listen = listen
+        who = f"swapd pid {pid}" if pid is not None else "another swapd"
+        where = f" (listening on {listen})" if listen else ""
+        super().__init__(
+            f"state_dir {state_dir} is in use by {who}{where}; stop that one first, or give "
+            "this one a state_dir of its own")
 
 
 class StartError(SwapdError):

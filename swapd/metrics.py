@@ -139,3 +139,9 @@ class _LiveState(Collector):
                 ("rejected", "Restores llama-server rejected"),
                 ("evicted", "Saved slots dropped to stay within cache.budget")):
             yield CounterMetricFamily(f"swapd_cache_{key}", help_text, value=cache[key])
+        writes = CounterMetricFamily("swapd_state_write_errors", "Failed writes into "
+                                     "state_dir (full or read-only disk) by what was "
+                                     "written; swapd keeps serving", labels=["what"])
+        for what, count in sup.state_writes.counts.items():
+            writes.add_metric([what], count)
+        yield writes

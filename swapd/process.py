@@ -10,6 +10,19 @@ is awaited on a pidfd, so nothing polls.
 ``start_llama`` returns only once ``/health`` answered 200: the stderr "listening" line
 only hints that a poll is worth making now, the poll is the truth. Every wait has a
 deadline and ``LlamaProcess.stop`` never returns with the process group alive.
+
+The death signal reaches only the direct child. A ``command`` that is a wrapper script
+(llama-server started without ``exec``) or a program that leaves helpers behind has
+descendants it does not reach, and some may leave the process group or the session. So
+every child carries ``CHILD_MARKER`` in its environment, which all its descendants
+inherit: ``stop`` and ``kill_now`` kill whatever still carries it after the group is
+gone, and a swapd that starts on the same ``state_dir`` (holding its lock) stops every
+process with its owner's marker, and every process of the session the pidfile recorded,
+before it listens (``reap_leftovers``). Under systemd, ``KillMode=mixed`` also kills the
+unit's whole cgroup once swapd is gone, so nothing outlives it there even until then.
+Not ``PR_SET_CHILD_SUBREAPER``: swapd would then have to reap every orphaned descendant
+itself, racing the reaping of its own children, while the marker finds the same
+processes and, unlike a subreaper, still finds them after a restart.
 """
 
 from __future__ import annotations
@@ -19,10 +32,13 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
+import io
 import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +51,7 @@ import trio
 from .config import Config, Profile
 from .errors import StartFailed, StartTimeout
 from .flags import build_argv
+from .statedir import WriteErrors
 from .upstream import ChildPool, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -56,45 +73,74 @@ class ChildLog:
     """Output of every child swapd ran: recent lines in memory, all of them in a file.
 
     The file lives in ``state_dir`` and is rotated to ``<name>.1`` when it passes
-    ``max_bytes``, so a chatty model can never fill the disk. Writes are plain buffered
-    writes flushed once per read from the pipe: the kernel's page cache absorbs them.
+    ``max_bytes``, so a chatty model can never fill the disk. Each batch of lines read
+    from the pipe is one unbuffered write: the kernel's page cache absorbs them.
+
+    A write that fails (a full disk, a read-only state_dir) never stops the reading, so
+    the model keeps serving: the lines stay in memory, ``errors`` counts the failure and
+    warns once, and the next batch tries again (reopening the file).
     """
 
-    def __init__(self, path: Path | None, *, max_bytes: int, tail_lines: int) -> None:
+    def __init__(self, path: Path | None, *, max_bytes: int, tail_lines: int,
+                 errors: WriteErrors | None = None) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.errors = errors if errors is not None else WriteErrors()
         self.lines: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.written = 0
         """Lines written so far; readers of ``lines`` use it to find what is new."""
         self._changed = trio.Event()
-        self._file = None
+        self._file: io.FileIO | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+            with contextlib.suppress(OSError):  # counted at the first write that fails
+                self._open()
 
     def write(self, lines: Sequence[str]) -> None:
         self.lines.extend(lines)
         self.written += len(lines)
-        if self._file is not None:
-            self._file.write("".join(line + "\n" for line in lines).encode())
-            self._file.flush()
-            if self._file.tell() > self.max_bytes:
-                self._rotate()
+        if self.path is not None:
+            self._write_file("".join(line + "\n" for line in lines).encode())
         self._changed.set()
         self._changed = trio.Event()
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
+    def _open(self) -> io.FileIO:
+        assert self.path is not None
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = io.FileIO(self.path, "ab")
+        return self._file
+
+    def _write_file(self, data: bytes) -> None:
+        assert self.path is not None
+        try:
+            file = self._open()
+            view = memoryview(data)
+            while view:  # a short write is possible on a nearly full disk
+                written = file.write(view)
+                if not written:
+                    raise OSError(errno.EIO, "the log file took no bytes")
+                view = view[written:]
+            if file.tell() > self.max_bytes:
+                self._rotate()
+        except OSError as error:
+            self.close()  # the next write reopens: the disk may have room again
+            self.errors.failed("log", self.path, error)
+        else:
+            self.errors.succeeded("log")
+
     def _rotate(self) -> None:
-        assert self._file is not None and self.path is not None
-        self._file.close()
+        assert self.path is not None
+        self.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._file = open(self.path, "ab")  # noqa: SIM115
+        self._open()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
 
@@ -190,7 +236,7 @@ class LlamaProcess:
 
     def __init__(self, name: str, argv: Sequence[str], popen: subprocess.Popen[bytes],
                  host: str, port: int, log_sink: ChildLog | None,
-                 pidfile: Path | None = None) -> None:
+                 pidfile: Path | None = None, marker: str | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.pid = popen.pid
@@ -219,8 +265,11 @@ class LlamaProcess:
         self._popen = popen
         self._log_sink = log_sink
         self.pidfile = pidfile
+        self.marker = marker
+        """This child's ``SWAPD_CHILD_OF`` value, inherited by all its descendants."""
         if pidfile is not None:
-            write_pidfile(pidfile, self.pid, self.argv[0])
+            write_pidfile(pidfile, self.pid, self.argv[0], marker=marker,
+                          errors=log_sink.errors if log_sink is not None else None)
         self._wake = trio.Event()  # set by the readiness line and by the exit
         self._output_done = trio.Event()
         assert popen.stdout is not None
@@ -395,11 +444,33 @@ class LlamaProcess:
                     await self.wait_exit()
             # Grandchildren that outlived the leader would keep the port and the VRAM.
             self._signal_group(signal.SIGKILL)
+            await self._kill_descendants()
         return self.exit_code
 
     def kill_now(self) -> None:
-        """SIGKILL the whole group at once (second shutdown signal, crash cleanup)."""
+        """SIGKILL the whole group at once (second shutdown signal, crash cleanup), and
+        every descendant that left it."""
         self._signal_group(signal.SIGKILL)
+        if self.marker is not None:
+            for pidfd in _kill_marked(self.marker).values():
+                os.close(pidfd)
+
+    async def _kill_descendants(self) -> None:
+        """SIGKILL what still carries this child's marker (it may have left the process
+        group, or the session), and wait until it is gone: at most a few seconds."""
+        if self.marker is None:
+            return
+        killed = await trio.to_thread.run_sync(_kill_marked, self.marker)
+        try:
+            if killed:
+                log.info("%s (pid %d): killed %d more process(es) it started: %s", self.name,
+                         self.pid, len(killed), ", ".join(map(str, sorted(killed))))
+            with trio.move_on_after(5.0):
+                for pidfd in killed.values():
+                    await trio.lowlevel.wait_readable(pidfd)  # readable once it exited
+        finally:
+            for pidfd in killed.values():
+                os.close(pidfd)
 
     def _signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -408,25 +479,84 @@ class LlamaProcess:
 
 PIDFILE = "llama-server.pid"
 
+CHILD_MARKER = "SWAPD_CHILD_OF"
+"""Set in every child's environment to ``<owner>:<spawn id>``, where the owner is a hash
+of swapd's ``state_dir`` (``owner_mark``). Every descendant inherits it, even one that
+left the child's session (``setsid``), so it finds what a child left behind: after a
+stop, and after a swapd that was SIGKILLed (only its direct child gets the kernel's
+death signal; a wrapper script's llama-server is a grandchild)."""
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot: with the pid, its identity."""
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def owner_mark(state_dir: Path) -> str:
+    """The part of every child's marker that names its swapd (one per ``state_dir``)."""
+    return hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:16]
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(session id, start time in clock ticks since boot) of a live process, else None.
+
+    With the pid, the start time is a process's identity: a recycled pid starts later.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):  # exited, only not reaped yet: nothing left to stop
+        return None
+    return int(fields[3]), int(fields[19])
 
 
-def write_pidfile(path: Path, pid: int, program: str) -> None:
+def _start_ticks(pid: int) -> int | None:
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _marker_of(pid: int) -> bytes | None:
+    """The value of ``SWAPD_CHILD_OF`` in the process's environment, if it has one."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or not ours to read (then not ours to stop either)
+        return None
+    prefix = CHILD_MARKER.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):]
+    return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return _BOOT_ID.read_text().strip()
+    except OSError:
+        return None
+
+
+def write_pidfile(path: Path, pid: int, program: str, *, marker: str | None = None,
+                  errors: WriteErrors | None = None) -> None:
+    """Record the child (its pid is also its session id) for a swapd that comes after.
+
+    A failed write is counted and warned about once, never fatal: the marker still
+    finds the child.
+    """
+    record = {"pid": pid, "session": pid, "start_ticks": _start_ticks(pid),
+              "boot_id": _boot_id(), "program": program, "marker": marker,
+              "swapd_pid": os.getpid()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": pid, "start_ticks": _start_ticks(pid),
-                                   "program": program, "swapd_pid": os.getpid()}))
+        tmp.write_text(json.dumps(record))
         tmp.replace(path)
     except OSError as error:
-        log.warning("cannot write %s: %s", path, error)
+        if errors is None:
+            log.warning("cannot write %s: %s", path, error)
+        else:
+            errors.failed("pidfile", path, error)
+    else:
+        if errors is not None:
+            errors.succeeded("pidfile")
 
 
 def clear_pidfile(path: Path, pid: int) -> None:
@@ -435,48 +565,126 @@ def clear_pidfile(path: Path, pid: int) -> None:
             path.unlink()
 
 
-def leftover_pid(path: Path) -> int | None:
-    """The pid an earlier swapd recorded in ``path``, if exactly that process still runs.
+def find_leftovers(state_dir: Path) -> dict[int, int]:
+    """What an earlier swapd on ``state_dir`` left running: ``{pid: start ticks}``.
 
-    Same pid, same start time and same program, or None: a recycled pid belongs to
-    someone else. The record is consumed either way.
+    Only for the holder of the state_dir lock (``statedir.lock_state_dir``): every
+    process found is then stale by definition. Found are every process that carries the
+    owner's marker (``CHILD_MARKER``), and every process of the session the pidfile
+    names, if that session is still the recorded one: its leader has the recorded start
+    time, or is gone on the same boot (a session id cannot be reused while a process is
+    in that session; members that started before the leader belong to someone else;
+    the residual risk is a later session that reused exactly that id and lost its own
+    leader too). The pidfile is consumed.
     """
-    try:
-        record = json.loads(path.read_text())
-        pid = int(record["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    path.unlink(missing_ok=True)
-    try:
-        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except OSError:
-        return None
-    started = _start_ticks(pid)
-    if started is None or started != record.get("start_ticks"):
-        return None
-    return pid if program == record.get("program") else None
+    record: dict[str, object] = {}
+    path = state_dir / PIDFILE
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(path.read_text())
+        record = loaded if isinstance(loaded, dict) else {}
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+    session = _recorded_session(record)
+    owner = owner_mark(state_dir).encode() + b":"
+    me = os.getpid()
+    found: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        pid = int(name)
+        stat = _stat(pid)
+        if stat is None:
+            continue
+        sid, start = stat
+        in_session = session is not None and sid == session[0] and start >= session[1]
+        marker = None if in_session else _marker_of(pid)
+        if in_session or (marker is not None and marker.startswith(owner)):
+            found[pid] = start
+    return found
 
 
-async def reap_leftover(path: Path, grace: float) -> int | None:
-    """Stop a llama-server that an earlier swapd left running; return its pid."""
-    pid = leftover_pid(path)
-    if pid is None:
+def _recorded_session(record: dict[str, object]) -> tuple[int, int] | None:
+    """(session id, its leader's start ticks) from a pidfile record, if still that one."""
+    sid, started = record.get("session", record.get("pid")), record.get("start_ticks")
+    if not isinstance(sid, int) or not isinstance(started, int):
         return None
-    log.warning("stopping llama-server pid %d left running by an earlier swapd", pid)
+    leader = _stat(sid)
+    if leader is None:  # the leader is gone; on another boot, so is its session
+        same_boot = record.get("boot_id") is not None and record.get("boot_id") == _boot_id()
+        return (sid, started) if same_boot else None
+    if leader[1] != started:
+        return None  # a recycled pid: someone else's process
     try:
-        pidfd = os.pidfd_open(pid)
+        program = Path(f"/proc/{sid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except OSError:
-        return pid  # already gone
+        return None
+    marker = _marker_of(sid)
+    # Same pid and start time: the same process, unless it exec'd something else since.
+    ours = program == record.get("program") or (
+        marker is not None and marker.decode(errors="replace") == record.get("marker"))
+    return (sid, started) if ours else None
+
+
+async def reap_leftovers(state_dir: Path, grace: float) -> list[int]:
+    """Stop what an earlier swapd on ``state_dir`` left running; return the pids.
+
+    SIGTERM, then SIGKILL after ``grace`` seconds; returns once they have exited (at
+    most ``grace`` + 5 s), so a new child never starts beside an old one.
+    """
+    found = await trio.to_thread.run_sync(find_leftovers, state_dir)
+    if found:
+        log.warning("stopping %d process(es) left running by an earlier swapd on %s: %s",
+                    len(found), state_dir, ", ".join(map(str, sorted(found))))
+        await _stop_all(found, grace)
+    return sorted(found)
+
+
+async def _stop_all(found: dict[int, int], grace: float) -> None:
+    pidfds: list[int] = []
     try:
+        for pid, started in found.items():
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # already gone
+            pidfds.append(pidfd)
+            if _start_ticks(pid) != started:  # gone and its pid reused since the scan
+                pidfds.pop()
+                os.close(pidfd)
         for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signum)
-            with trio.move_on_after(wait):
-                await trio.lowlevel.wait_readable(pidfd)  # readable once it has exited
-                break
+            for pidfd in pidfds:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signum)
+            with trio.move_on_after(wait) as waited:
+                for pidfd in pidfds:
+                    await trio.lowlevel.wait_readable(pidfd)  # readable once it exited
+            if not waited.cancelled_caught:
+                return
     finally:
-        os.close(pidfd)
-    return pid
+        for pidfd in pidfds:
+            os.close(pidfd)
+
+
+def _kill_marked(marker: str) -> dict[int, int]:
+    """SIGKILL every process that carries exactly ``marker``: a stopped child's leftovers
+    outside its process group. Returns ``{pid: pidfd}`` to wait on (caller closes)."""
+    needle = marker.encode()
+    me = os.getpid()
+    killed: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me or _marker_of(int(name)) != needle:
+            continue
+        try:
+            pidfd = os.pidfd_open(int(name))
+        except OSError:
+            continue
+        if _marker_of(int(name)) != needle:  # exited, and the pid reused, since the read
+            os.close(pidfd)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        killed[int(name)] = pidfd
+    return killed
 
 
 def launch(config: Config, profile: Profile, log_sink: ChildLog | None,
@@ -502,10 +710,15 @@ def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
           pidfile: Path | None = None) -> LlamaProcess:
     """Start the child in its own session with a parent-death signal. Never a shell.
 
-    Raises ``StartFailed`` when the command cannot be executed at all.
+    Its environment carries ``CHILD_MARKER``, naming the swapd that owns ``pidfile``'s
+    directory. Raises ``StartFailed`` when the command cannot be executed at all.
     """
     child_env = dict(os.environ)
     child_env.update(env or {})
+    # The pidfile lives in state_dir: its directory names the swapd that owns the child.
+    owner = owner_mark(pidfile.parent) if pidfile is not None else ""
+    marker = f"{owner}:{secrets.token_hex(6)}"
+    child_env[CHILD_MARKER] = marker
     try:
         popen = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -519,4 +732,4 @@ def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
     log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
     if log_sink is not None:  # so the shared log reads as one section per start
         log_sink.write([f"── swapd: starting {name} (pid {popen.pid}) ──"])
-    return LlamaProcess(name, argv, popen, host, port, log_sink, pidfile)
+    return LlamaProcess(name, argv, popen, host, port, log_sink, pidfile, marker)

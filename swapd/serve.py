@@ -7,6 +7,7 @@ Shutdown order (SIGTERM/SIGINT): hypercorn stops accepting and gives in-flight r
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -25,9 +26,10 @@ from . import process
 from .app import Frontend, create_app, frontend_for
 from .auth import load_keys
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, StateDirBusy, SwapdError
 from .fallback import FallbackChain
 from .notify import Notifier, status_text
+from .statedir import StateLock, WriteErrors, lock_state_dir
 from .supervisor import Launcher, Supervisor
 
 log = logging.getLogger("swapd")
@@ -67,10 +69,28 @@ def hypercorn_config(config: Config) -> HypercornConfig:
 @asynccontextmanager
 async def open_server(config: Config, *, launcher: Launcher = process.launch,
                       config_path: Path | None = None) -> AsyncIterator[Running]:
-    """Run swapd inside the caller's trio run until the block exits, then shut it down."""
+    """Run swapd inside the caller's trio run until the block exits, then shut it down.
+
+    Owns ``config.state_dir`` meanwhile: raises ``StateDirBusy`` if another swapd does,
+    before anything there (its pidfile, its child) is touched.
+    """
+    state_writes = WriteErrors()
+    host, port = config.listen.host, config.listen.port
+    lock = lock_state_dir(config.state_dir, [f"http://{f'[{host}]' if ':' in host else host}"
+                                             f":{port}"] if port else [], state_writes)
+    try:
+        async with _open_server(config, launcher, config_path, lock, state_writes) as running:
+            yield running
+    finally:
+        lock.release()  # last: the child is stopped and every file in state_dir closed
+
+
+@asynccontextmanager
+async def _open_server(config: Config, launcher: Launcher, config_path: Path | None,
+                       lock: StateLock, state_writes: WriteErrors) -> AsyncIterator[Running]:
     child_log = process.ChildLog(config.state_dir / "llama-server.log",
                                  max_bytes=config.logs.max_bytes,
-                                 tail_lines=config.logs.tail_lines)
+                                 tail_lines=config.logs.tail_lines, errors=state_writes)
     supervisor = Supervisor(config, child_log=child_log, launcher=launcher)
     fallbacks = FallbackChain(config.fallbacks)
     frontend = await trio.to_thread.run_sync(frontend_for, config, supervisor, child_log,
@@ -84,6 +104,7 @@ async def open_server(config: Config, *, launcher: Launcher = process.launch,
             urls = await nursery.start(partial(
                 hypercorn_serve, app, hypercorn_config(config),
                 shutdown_trigger=shutdown.wait))
+            lock.describe(urls)
             running = Running(frontend, urls, shutdown)
             try:
                 yield running
@@ -159,28 +180,51 @@ def run(config_path: str | os.PathLike[str]) -> int:
         level=os.environ.get("SWAPD_LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request
+    config: Config | None = None
     try:
         config = load_config(config_path)
         load_keys(config.security)  # a named but missing key source fails here, plainly
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
         return trio.run(_main, config, Path(config_path))
-    except (ConfigError, OSError, BaseExceptionGroup) as error:
-        cause = _startup_cause(error)
+    except (SwapdError, OSError, BaseExceptionGroup) as error:
+        cause = _startup_cause(error, config)
         if cause is None:
             raise
         print(f"swapd: {cause}", file=sys.stderr)
         return 1
 
 
-def _startup_cause(error: BaseException) -> str | None:
+def _startup_cause(error: BaseException, config: Config | None = None) -> str | None:
     """One line for a failure a person fixes outside swapd (a taken port, a bad config,
-    an unwritable state_dir, a missing key file); None for anything else (a bug)."""
+    a full or unwritable state_dir, a missing key file, another swapd on the same
+    state_dir); None for anything else (a bug)."""
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
-    if isinstance(error, ConfigError):
+    if isinstance(error, ConfigError | StateDirBusy):
         return str(error)
-    if isinstance(error, OSError):
-        where = f" ({error.filename})" if error.filename else ""
-        return (f"{error.strerror or error}{where}; is another swapd (or something else) "
-                "already listening there, or is a path not writable?")
-    return None
+    if not isinstance(error, OSError):
+        return None
+    what = error.strerror or str(error)
+    listen = "the listen address"
+    if config is not None:
+        host = config.listen.host
+        listen = f"{f'[{host}]' if ':' in host else host}:{config.listen.port}"
+    state_dir = config.state_dir if config is not None else "state_dir"
+    if error.filename is None:  # a socket call: binding the listen address
+        if error.errno == errno.EADDRINUSE:
+            return (f"{what}: {listen} is taken by another process (another swapd, or "
+                    "another service: ss -ltnp); stop it or choose another 'listen'")
+        if error.errno == errno.EADDRNOTAVAIL:
+            return f"{what}: this host has no address {listen}; fix 'listen'"
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return (f"{what}: not allowed to listen on {listen} (a port below 1024 needs "
+                    "privileges); choose a port above 1023 in 'listen'")
+        return f"{what} (listen {listen})"
+    where = error.filename
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{what}: {where}; the file system of state_dir ({state_dir}) is full: "
+                "free some space there")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{what}: {where}; swapd's user cannot write to state_dir ({state_dir}): "
+                "fix its owner or mode (under systemd: StateDirectory= or ReadWritePaths=)")
+    return f"{what}: {where}"

@@ -17,7 +17,10 @@ One ``SlotCache`` owns the files under ``state_dir/slots`` and their index:
   its tokens again (the model's prompt speed comes from llama-server's own timing lines,
   the disk's speed from earlier saves); the decision is logged with its numbers;
 * ``cache.budget`` bounds the disk used, the least recently used files going first;
-* a restore that llama-server rejects is logged and skipped, never fatal.
+* a restore that llama-server rejects is logged and skipped, never fatal;
+* a full or read-only disk is never fatal either: the failed write is counted in
+  ``errors`` (warned once), and a model that cannot get its cache directory starts
+  without one.
 
 Saving and restoring run in the supervisor's start and stop tasks, which are the only
 callers; the index is small JSON written atomically.
@@ -37,6 +40,7 @@ import httpx
 import trio
 
 from .config import Config, Profile
+from .statedir import WriteErrors
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +69,10 @@ class Outcome:
 
 
 class SlotCache:
-    def __init__(self, root: Path, config: Config) -> None:
+    def __init__(self, root: Path, config: Config, errors: WriteErrors | None = None) -> None:
         self.root = root
         self.config = config
+        self.errors = errors if errors is not None else WriteErrors()
         self.stats = {"saves": 0, "restores": 0, "bytes_saved": 0, "bytes_restored": 0,
                       "tokens_restored": 0, "seconds_saved": 0.0, "rejected": 0,
                       "skipped": 0, "evicted": 0}
@@ -87,7 +92,11 @@ class SlotCache:
         """Extra llama-server arguments for ``profile`` (none if it keeps no cache)."""
         if not self.keeps(profile):
             return []
-        self.directory(profile).mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory(profile).mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # the model still serves, only without warm return
+            self.errors.failed("slot_cache", self.directory(profile), error)
+            return []
         return ["--slot-save-path", str(self.directory(profile))]
 
     def fingerprint(self, profile: Profile) -> str:
@@ -260,7 +269,7 @@ class SlotCache:
             if total <= self.config.cache.budget:
                 break
             directory = self.root / hashlib.sha256(name.encode()).hexdigest()[:16]
-            (directory / info["file"]).unlink(missing_ok=True)
+            self._unlink(directory / info["file"])
             del self._index[name]["slots"][slot_id]
             total -= int(info.get("bytes", 0))
             self.stats["evicted"] += 1
@@ -270,7 +279,13 @@ class SlotCache:
         entry = self._index.pop(name, None) or {}
         directory = self.root / hashlib.sha256(name.encode()).hexdigest()[:16]
         for info in entry.get("slots", {}).values():
-            (directory / info["file"]).unlink(missing_ok=True)
+            self._unlink(directory / info["file"])
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            self.errors.failed("slot_cache", path, error)
 
     def _read_index(self) -> dict[str, dict[str, Any]]:
         try:
@@ -289,4 +304,6 @@ class SlotCache:
             tmp.write_text(json.dumps(self._index, indent=1, sort_keys=True))
             tmp.replace(self._index_path)
         except OSError as error:
-            log.warning("cannot write %s: %s", self._index_path, error)
+            self.errors.failed("slot_cache", self._index_path, error)
+        else:
+            self.errors.succeeded("slot_cache")

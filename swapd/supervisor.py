@@ -51,6 +51,7 @@ from .errors import (
 )
 from .estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
 from .slotcache import SLOT_TIMEOUT, SlotCache
+from .statedir import WriteErrors
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,8 @@ class Supervisor:
         self.config = config
         self._launch = launcher
         self.child_log = child_log
+        self.state_writes = child_log.errors if child_log is not None else WriteErrors()
+        """Failed writes into state_dir (log, pidfile, load times, caches): never fatal."""
         self.state = State.IDLE
         self.active: Profile | None = None
         self.proc: process.LlamaProcess | None = None
@@ -216,7 +219,7 @@ class Supervisor:
         self.load_seconds: dict[str, float] = _read_load_times(config)
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
         self.health: dict[str, ProfileHealth] = {}
-        self.slots = SlotCache(config.state_dir / "slots", config)
+        self.slots = SlotCache(config.state_dir / "slots", config, self.state_writes)
         self.phase: str | None = None
         """What the running start or stop is doing, when it is more than starting."""
         self.history: deque[dict[str, Any]] = deque(maxlen=50)
@@ -244,8 +247,8 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``; the child is stopped before this returns."""
         self._idle_since = trio.current_time()
-        await process.reap_leftover(self.config.state_dir / process.PIDFILE,
-                                    self.config.timeouts.stop)
+        # Under open_server's lock on state_dir: what an earlier swapd left there is stale.
+        await process.reap_leftovers(self.config.state_dir, self.config.timeouts.stop)
         if self.config.memory.guard and self.config.memory.gpu is None:
             self._detected_gpu = await trio.to_thread.run_sync(detect_gpu_memory)
             if self._detected_gpu is None:
@@ -394,6 +397,7 @@ class Supervisor:
             "history": list(self.history),
             "phase": self.phase,
             "cache": self.slots.status(),
+            "state_write_errors": dict(self.state_writes.counts),
             **self.stats,
         }
 
@@ -536,7 +540,7 @@ class Supervisor:
         assert proc.ready_at is not None
         seconds = proc.ready_at - proc.started_at
         self.load_seconds[profile.name] = seconds
-        _write_load_times(self.config, self.load_seconds)
+        _write_load_times(self.config, self.load_seconds, self.state_writes)
         self.proc = proc
         self._transition(State.READY)
         self._idle_since = trio.current_time()
@@ -687,12 +691,11 @@ class Supervisor:
             return
         if self._draining_since is not None:
             if self._leases and now >= self._draining_since + self.config.timeouts.drain:
-                log.warning("drain of %s took longer than %gs; cutting %d request(s)",
-                            self.active.name, self.config.timeouts.drain, len(self._leases))
+                why = (f"{self._drain_cause()} and the request did not finish within "
+                       f"timeouts.drain ({self.config.timeouts.drain:g}s)")
+                log.warning("cutting %d request(s): %s", len(self._leases), why)
                 for lease in self._leases:
-                    lease.revoked_because = (
-                        f"model {self.active.name!r} is being swapped out "
-                        f"(timeouts.drain {self.config.timeouts.drain:g}s passed)")
+                    lease.revoked_because = why
                     lease.scope.cancel()
                 self._leases.clear()
             return
@@ -702,6 +705,25 @@ class Supervisor:
             self._publish("ttl_expired", profile=self.active.name)
             self._draining_since = now
             self._begin_stop()
+
+    def _drain_cause(self) -> str:
+        """Why the active model is draining, in the words its cut requests will read.
+
+        A TTL unload never cuts anyone: it begins only when no request is in flight.
+        """
+        assert self.active is not None
+        name = self.active.name
+        if self._shutting_down:
+            return "swapd is shutting down"
+        if name not in self.config.profiles:  # a reload took it out: _on_reload
+            return f"model {name!r} was removed from the config by a reload"
+        if self._unload_requested:
+            return f"model {name!r} is being unloaded (swapd unload / POST /swapd/unload)"
+        others = [q[0] for n, q in self._waiting.items() if q and n != name]
+        if others:
+            after = min(others, key=lambda w: w.enqueued).profile
+            return f"model {name!r} is being swapped out for {after!r}"
+        return f"model {name!r} is being stopped"
 
     def _record_failure(self, name: str, why: str) -> None:
         """Count a failed start or crash: back off, and open the circuit at the limit."""
@@ -912,6 +934,7 @@ class Supervisor:
     async def _stop_now(self) -> None:
         """Last resort when ``run`` ends: the child never outlives the supervisor."""
         for lease in self._leases:
+            lease.revoked_because = "swapd stopped at once, without waiting for requests"
             lease.scope.cancel()
         if self.proc is not None and self.proc.alive:
             await self.proc.stop(self.config.timeouts.stop)
@@ -930,7 +953,7 @@ def _read_load_times(config: Config) -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
 
 
-def _write_load_times(config: Config, times: dict[str, float]) -> None:
+def _write_load_times(config: Config, times: dict[str, float], errors: WriteErrors) -> None:
     path = _load_times_path(config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -938,4 +961,6 @@ def _write_load_times(config: Config, times: dict[str, float]) -> None:
         tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
         tmp.replace(path)
     except OSError as error:
-        log.warning("cannot remember load times in %s: %s", path, error)
+        errors.failed("load_times", path, error)
+    else:
+        errors.succeeded("load_times")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,7 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
+from swapd.config import parse_config
+from swapd.errors import StateDirBusy
 from swapd.process import free_port
+from swapd.serve import _startup_cause, open_server
+from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.procs import MARKER_VAR, leftover_processes
 from tests.test_api import config_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,3 +203,126 @@ def test_sigterm_mid_stream_drains_then_exits_zero(tmp_path: Path) -> None:
         assert received.rstrip().endswith(b"data: [DONE]")  # the answer was not cut
         assert proc.wait(timeout=30) == 0
         wait_for(lambda: not alive(child), "the child to be gone", 5)
+
+
+def test_a_second_swapd_on_the_same_state_dir_refuses_and_touches_nothing(
+        tmp_path: Path) -> None:
+    with running_daemon(tmp_path) as (first, url, path):
+        child = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()["pid"]
+        config = json.loads(path.read_text())
+        config["listen"] = f"127.0.0.1:{free_port('127.0.0.1')}"  # its own port: only
+        second_path = tmp_path / "second.yaml"                      # state_dir is shared
+        second_path.write_text(json.dumps(config))
+        done = subprocess.run(
+            [sys.executable, "-m", "swapd", "serve", "--config", str(second_path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith("swapd: ")
+        assert f"in use by swapd pid {first.pid}" in done.stderr
+        assert url.removeprefix("http://") in done.stderr  # where the first one listens
+        status = httpx.get(url + "/swapd/status").json()
+        assert status["pid"] == child and alive(child)  # the first one's model untouched
+        answer = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "model": "a", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 200
+        assert httpx.get(url + "/swapd/status").json()["pid"] == child
+
+
+async def test_open_server_takes_the_state_dir_lock(tmp_path: Path) -> None:
+    config = parse_config(config_text(tmp_path), base_dir=tmp_path)
+    async with open_server(config) as running:
+        with pytest.raises(StateDirBusy, match=rf"in use by swapd pid {os.getpid()} "
+                                               rf"\(listening on {running.urls[0]}\)"):
+            async with open_server(config):
+                pass
+        assert running.supervisor.state.value == "idle"
+    async with open_server(config):  # released on exit
+        pass
+
+
+async def test_a_full_state_dir_keeps_serving_and_counts_the_failed_writes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The child's log, its pidfile and the load times all fail with ENOSPC (their files
+    point at /dev/full): every request is still answered, each kind warns once, and the
+    metric counts every failure."""
+    config = parse_config(config_text(tmp_path), base_dir=tmp_path)
+    config.state_dir.mkdir(parents=True)
+    for name in ("llama-server.log", "llama-server.tmp", "load_times.tmp"):
+        (config.state_dir / name).symlink_to("/dev/full")
+    async with open_server(config) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=30) as client:
+        for model in ("a", "b", "a"):  # loads and swaps: many log lines, three pidfiles
+            answer = await client.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 200, answer.text
+        metrics = (await client.get("/metrics")).text
+        status = (await client.get("/swapd/status")).json()
+    counts = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("swapd_state_write_errors_total{")}
+    assert counts["log"] >= 6 and counts["pidfile"] == 3 and counts["load_times"] == 3
+    assert counts["slot_cache"] == 0
+    assert status["state_write_errors"] == {k: int(v) for k, v in counts.items()}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+              and "cannot write" in r.getMessage()]
+    assert len(warned) == 3, warned  # once per kind, not once per line
+    assert all("No space left on device (ENOSPC)" in w for w in warned)
+
+
+@pytest.mark.parametrize(("error", "words"), [
+    (OSError(errno.ENOSPC, "No space left on device", "/s/swapd.lock"),
+     "No space left on device: /s/swapd.lock; the file system of state_dir (/s) is full"),
+    (OSError(errno.EACCES, "Permission denied", "/s/swapd.lock"),
+     "Permission denied: /s/swapd.lock; swapd's user cannot write to state_dir (/s)"),
+    (OSError(errno.EADDRINUSE, "Address already in use"),
+     "Address already in use: 127.0.0.1:9001 is taken by another process"),
+    (OSError(errno.EACCES, "Permission denied"),
+     "Permission denied: not allowed to listen on 127.0.0.1:9001"),
+])
+def test_a_startup_failure_names_its_real_cause(tmp_path: Path, error: OSError,
+                                                words: str) -> None:
+    config = parse_config("listen: 127.0.0.1:9001\nstate_dir: /s\nprofiles: {a: {model: a}}",
+                          base_dir=tmp_path)
+    cause = _startup_cause(BaseExceptionGroup("", [error]), config)
+    assert cause is not None and cause.startswith(words)
+    assert "another swapd" not in cause or error.errno == errno.EADDRINUSE
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def fake_servers() -> list[int]:
+    """Live fake llama-servers that this test run started."""
+    return [pid for pid, cmdline in leftover_processes(os.environ[MARKER_VAR])
+            if "fake_llama_server.py" in cmdline]
+
+
+def test_a_wrapper_scripts_llama_server_is_reaped_by_the_next_swapd(tmp_path: Path) -> None:
+    """A `command` that starts llama-server without exec: the kernel's death signal
+    reaches only the wrapper, so when swapd is SIGKILLed the model lives on as an orphan.
+    The next swapd on that state_dir stops it before it listens, so it never runs a
+    second model beside it."""
+    wrapper = tmp_path / "llama-wrapper.sh"
+    wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" "{FAKE_LLAMA_SERVER}" "$@"\n'
+                       'status=$?\nexit $status\n')  # no exec: the server is a grandchild
+    wrapper.chmod(0o755)
+    command = {"command": [str(wrapper)]}
+    with running_daemon(tmp_path, llama_server=command) as (first, url, _path):
+        loaded = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()
+        (model,) = children_of(loaded["pid"])
+        assert fake_servers() == [model]
+        first.kill()
+        first.wait()
+        wait_for(lambda: not alive(loaded["pid"]), "the wrapper to die with swapd", 5)
+        assert alive(model)  # the orphan: the old code left it running here
+    with running_daemon(tmp_path, llama_server=command) as (second, url, _path):
+        assert not alive(model)  # stopped before the new swapd even listened
+        loaded = httpx.post(url + "/swapd/load", json={"model": "a"}, timeout=30).json()
+        assert fake_servers() == children_of(loaded["pid"])  # one model, the new one
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+    assert fake_servers() == []

@@ -6,6 +6,7 @@ Real time is used only as deadlines that turn a hang into a failure.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -190,7 +191,7 @@ async def test_a_restarted_swapd_reaps_the_llama_server_it_left(tmp_path: Path) 
             while not await _healthy(port):
                 await trio.sleep(0.02)
         process.write_pidfile(pidfile, leftover.pid, fake_argv(port)[0])
-        assert await process.reap_leftover(pidfile, grace=5) == leftover.pid
+        assert await process.reap_leftovers(tmp_path, grace=5) == [leftover.pid]
         assert leftover.wait(timeout=5) == 0  # SIGTERM was enough
         assert not pidfile.exists()
     finally:
@@ -203,10 +204,10 @@ async def test_a_recycled_pid_is_left_alone(tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
         process.write_pidfile(pidfile, bystander.pid, "/usr/bin/llama-server")
-        assert await process.reap_leftover(pidfile, grace=5) is None  # other program
+        assert await process.reap_leftovers(tmp_path, grace=5) == []  # other program
         record = {"pid": bystander.pid, "start_ticks": 1, "program": "sleep"}
         pidfile.write_text(json.dumps(record))
-        assert await process.reap_leftover(pidfile, grace=5) is None  # other start time
+        assert await process.reap_leftovers(tmp_path, grace=5) == []  # other start time
         assert bystander.poll() is None
     finally:
         bystander.kill()
@@ -244,3 +245,89 @@ def test_exit_descriptions() -> None:
     assert process.describe_exit(1) == "exited with code 1"
     assert process.describe_exit(-9) == "was killed by SIGKILL (the kernel's OOM killer?)"
     assert process.describe_exit(-11) == "was killed by SIGSEGV"
+
+
+def test_a_full_disk_never_stops_the_child_log(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Writes that fail (ENOSPC from /dev/full) are counted and warned about once; the
+    lines stay in memory; writing resumes, with one more line of log, once it works."""
+    path = tmp_path / "child.log"
+    path.symlink_to("/dev/full")
+    log = process.ChildLog(path, max_bytes=1 << 20, tail_lines=100)
+    for i in range(20):
+        log.write([f"line {i}"])
+    assert list(log.lines)[-1] == "line 19" and log.written == 20
+    assert log.errors.counts["log"] == 20
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "cannot write the child's log" in warnings[0].getMessage()
+    assert "No space left on device (ENOSPC)" in warnings[0].getMessage()
+    path.unlink()  # room again
+    log.write(["back"])
+    log.close()
+    assert path.read_text() == "back\n"
+    assert log.errors.counts["log"] == 20
+    assert any("works again" in r.getMessage() for r in caplog.records)
+
+
+async def test_stop_kills_a_descendant_that_left_the_session(tmp_path: Path) -> None:
+    """A wrapper that starts a helper in a session of its own (setsid): the group kill
+    misses it, the child's marker in its environment does not."""
+    helper_pid = tmp_path / "helper.pid"
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(
+        f"#!/bin/sh\n\"{sys.executable}\" -c 'import os, sys, time; os.setsid(); "
+        f"open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(1000)' "
+        f"\"{helper_pid}\" &\nexec \"{sys.executable}\" \"{FAKE_LLAMA_SERVER}\" \"$@\"\n")
+    wrapper.chmod(0o755)
+    port = process.free_port(HOST)
+    async with trio.open_nursery() as nursery:
+        proc = process.spawn("m", [str(wrapper), *fake_argv(port)[2:]], host=HOST, port=port,
+                             pidfile=tmp_path / process.PIDFILE)
+        nursery.start_soon(proc.watch)
+        await proc.wait_ready(10, 0.02)
+        with trio.fail_after(10):
+            while not helper_pid.exists() or not helper_pid.read_text():
+                await trio.sleep(0.02)
+        helper = int(helper_pid.read_text())
+        assert _session_of(helper) == helper != proc.pid  # out of the child's session
+        await proc.stop(5)
+    assert _session_of(helper) is None  # gone (a zombie at most) when stop() returned
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in "ZX" else int(fields[3])
+
+
+async def test_the_reap_finds_leftovers_by_marker_and_by_session(tmp_path: Path) -> None:
+    """What an earlier swapd on this state_dir left: a process with its marker (even in
+    a session of its own), and a process of the recorded session without any marker
+    (its environment scrubbed), whose leader is gone. A process marked by another
+    state_dir's swapd, and one that merely shares this test's session, are left alone."""
+    marked = subprocess.Popen(["sleep", "1000"], start_new_session=True, env={
+        **os.environ, process.CHILD_MARKER: f"{process.owner_mark(tmp_path)}:1"})
+    other = subprocess.Popen(["sleep", "1000"], start_new_session=True, env={
+        **os.environ, process.CHILD_MARKER: f"{process.owner_mark(tmp_path / 'x')}:1"})
+    leader = subprocess.Popen(["sh", "-c", "sleep 1000 & echo $!; wait"],
+                              start_new_session=True, stdout=subprocess.PIPE, text=True)
+    try:
+        assert leader.stdout is not None
+        in_session = int(leader.stdout.readline())
+        process.write_pidfile(tmp_path / process.PIDFILE, leader.pid, "sh")
+        leader.kill()  # like a wrapper killed by the death signal
+        leader.wait()
+        reaped = await process.reap_leftovers(tmp_path, grace=5)
+        assert reaped == sorted([marked.pid, in_session])
+        assert marked.wait(timeout=5) == -signal.SIGTERM
+        assert _session_of(in_session) is None
+        assert other.poll() is None
+        assert await process.reap_leftovers(tmp_path, grace=5) == []  # consumed
+    finally:
+        for proc in (marked, other, leader):
+            proc.kill()
+            proc.wait()

@@ -12,6 +12,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -292,11 +293,44 @@ async def test_drain_deadline_cuts_a_request_that_never_ends(
             with lease.scope:
                 await trio.sleep_forever()
         assert lease.scope.cancelled_caught
-        assert "being swapped out" in (lease.revoked_because or "")
+        assert lease.revoked_because == (
+            "model 'a' is being swapped out for 'b' and the request did not finish within "
+            "timeouts.drain (3s)")
         await sup.release(lease)
         assert launcher.names == ["a", "b"]
         # bound 1 s + drain 3 s after b asked at t=1, then stop + load
         assert trio.current_time() == pytest.approx(1 + 1 + 3 + 1, abs=0.2)
+        await sup.shutdown()
+
+
+@pytest.mark.parametrize(("cause", "words"), [
+    ("shutdown", "swapd is shutting down"),
+    ("unload", "model 'a' is being unloaded (swapd unload / POST /swapd/unload)"),
+    ("reload", "model 'a' was removed from the config by a reload"),
+])
+async def test_a_request_cut_at_the_drain_deadline_hears_why(
+        tmp_path: Path, autojump_clock: Any, cause: str, words: str) -> None:
+    """Not "being swapped out" when nothing is swapped: the cause, in its own words."""
+    config = make_config(tmp_path, timeouts="drain: 3s\n  queue_wait: 60s")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        lease = await sup.acquire("a")
+        async with trio.open_nursery() as operator:
+            if cause == "shutdown":
+                operator.start_soon(sup.shutdown)
+            elif cause == "unload":
+                operator.start_soon(sup.unload)
+            else:
+                new = reloaded(tmp_path, "  b: {model: b.gguf}\n")
+                operator.start_soon(sup.reload, attrs.evolve(new, timeouts=config.timeouts))
+            with lease.scope:
+                await trio.sleep_forever()
+            await sup.release(lease)
+        assert lease.scope.cancelled_caught
+        assert lease.revoked_because == (
+            f"{words} and the request did not finish within timeouts.drain (3s)")
+        assert trio.current_time() == pytest.approx(1 + 3, abs=0.2)
         await sup.shutdown()
 
 
@@ -587,6 +621,27 @@ async def test_a_cancelled_supervisor_stops_a_child_that_is_still_starting(
         outer.cancel_scope.cancel()  # e.g. an error elsewhere, or a forced shutdown
     (proc,) = launcher.launched
     assert not proc.alive and proc.stopped_at is not None
+
+
+async def test_a_request_cut_by_a_stop_at_once_hears_why(tmp_path: Path,
+                                                         autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    lease_box: list[Any] = []
+
+    async def holder(task_status: trio.TaskStatus[None]) -> None:
+        lease = await sup.acquire("a")
+        lease_box.append(lease)
+        task_status.started()
+        with lease.scope:
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as clients, trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await clients.start(holder)
+        nursery.cancel_scope.cancel()  # a second stop signal, or an internal error
+    (lease,) = lease_box
+    assert lease.scope.cancelled_caught
+    assert lease.revoked_because == "swapd stopped at once, without waiting for requests"
 
 
 async def test_nothing_waits_on_a_supervisor_that_has_stopped(tmp_path: Path,
