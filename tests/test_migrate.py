@@ -22,6 +22,7 @@ from swapd.errors import ConfigError
 from swapd.flags import build_argv
 from swapd.migrate import import_llama_swap, import_manifest, run_import
 from swapd.schema import config_schema
+from tests.support.llama_build import find_llama_server
 from tests.test_flags import HELP
 from tests.test_schema import mini_problems
 
@@ -537,18 +538,40 @@ def test_llama_swaps_own_example_imports_every_llama_server_model(
             assert f"# not imported: {model} ({why}" in text, model
 
     # And `swapd check` passes it: flag names against llama-server's --help, model files.
-    models.mkdir()
-    for name in ("gpt-oss-20b-mxfp4.gguf", "Qwen2.5-Coder-7B-Q4_K_M.gguf", "bge-m3-Q8_0.gguf"):
-        (models / name).write_bytes(b"GGUF")
-    path = tmp_path / "swapd.yaml"
-    path.write_text(text)
+    path = write_checkable(text, models, monkeypatch)
     fake = tmp_path / "bin" / "llama-server"
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{HELP}{MORE_HELP}EOF\n")
     fake.chmod(0o755)
-    monkeypatch.setenv("LS_API_KEY", "sk-never-copied")  # swapd reads the key from there
     capsys.readouterr()
     assert main(["check", str(path), "--llama-server", str(fake)]) == 0, capsys.readouterr().err
+
+
+def write_checkable(text: str, models: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The imported example as a file, with its model files and its key's variable."""
+    models.mkdir()
+    for name in ("gpt-oss-20b-mxfp4.gguf", "Qwen2.5-Coder-7B-Q4_K_M.gguf", "bge-m3-Q8_0.gguf"):
+        (models / name).write_bytes(b"GGUF")
+    monkeypatch.setenv("LS_API_KEY", "sk-never-copied")  # swapd reads the key from there
+    path = models.parent / "swapd.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.real_llama
+def test_llama_swaps_example_passes_check_against_the_real_llama_server(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    binary = find_llama_server()
+    if binary is None:
+        pytest.skip("no llama-server binary (set SWAPD_LLAMA_SERVER or build it with "
+                    "tests/support/llama_build.py)")
+    models = tmp_path / "models"
+    text, _, _ = import_llama_swap(LLAMA_SWAP_REAL, environ={
+        "LLAMA_HOME": "/opt/llama.cpp", "MODELS": str(models), "LS_API_KEY": "sk-x"})
+    path = write_checkable(text, models, monkeypatch)
+    assert main(["check", str(path), "--llama-server", str(binary)]) == 0, \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("program", "imported"), [
