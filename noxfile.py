@@ -9,13 +9,25 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_external_run = True
+# Without a usable Python, fail: by default nox would skip the session and exit 0.
+nox.options.error_on_missing_interpreters = True
 
-PYTHON = "3.11"
+SUPPORTED = ("3.11", "3.12", "3.13", "3.14")
+
+
+def _oldest_supported() -> str:
+    """The oldest supported Python on this machine (3.11 if none: nox then says so)."""
+    return next((v for v in SUPPORTED if shutil.which(f"python{v}")), SUPPORTED[0])
+
+
+PYTHON = _oldest_supported()
 
 
 @nox.session(python=PYTHON)

@@ -879,7 +879,13 @@ def _converter(base_dir: Path | None) -> cattrs.Converter:
         return _parse_listen(value)
 
     def structure_path(value: object, _type: Any) -> Path:
-        path = Path(_nonempty_text(value)).expanduser()
+        text = _nonempty_text(value)
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # '~name/...' for a user this machine does not have
+            home = text.split("/", 1)[0]
+            raise _Problem(f"{text!r}: there is no user {home[1:]!r} whose home directory "
+                           f"{home!r} could mean; write the path out") from None
         return path if path.is_absolute() or base_dir is None else base_dir / path
 
     def structure_profiles(value: object, _type: Any) -> FrozenDict[str, Profile]:

@@ -1,7 +1,8 @@
 """Import configs of the tools swapd replaces: llama-swap, and router + sidecar manifests.
 
-Both importers return a commented swapd YAML config plus the list of what could not be
-carried over, each item naming where it was and what to do instead. The config they
+Both importers return an :class:`Imported`: a commented swapd YAML config, the list of
+what could not be carried over (each item naming where it was and what to do instead),
+and for each model of the source whether it was imported and why not. The config they
 write always loads (:func:`swapd.config.parse_config`), and every profile's argv builds
 (:func:`swapd.flags.build_argv`); what they cannot express is left out and listed, never
 guessed. ``swapd check`` is the next step: it checks flag names against the real
@@ -10,11 +11,16 @@ guessed. ``swapd check`` is the next step: it checks flag names against the real
 :func:`import_llama_swap` reads llama-swap's format: ``models`` with a ``cmd`` command
 line (``${macros}``, ``${PORT}``, ``${MODEL_ID}``, ``${env.VAR}``), ``ttl``, ``aliases``,
 ``env``, ``name``, ``description``; the top-level ``macros``, ``healthCheckTimeout``,
-``globalTTL``, ``sendLoadingState``, ``apiKeys``, ``groups``, ``matrix``, ``hooks`` and
-``peers``. Each ``cmd`` is split like a shell would (``shlex``) after macros are
-expanded: the program becomes ``llama_server.command``, ``--model``/``-m`` the profile's
-``model``, ``--port``/``--host`` are dropped (swapd owns them) and every other option
-becomes a ``flags`` entry (``true`` for a bare flag, a list for a repeated one).
+``unloadTimeout``, ``globalTTL``, ``sendLoadingState``, ``apiKeys``, ``groups``,
+``matrix``, ``hooks`` and ``peers``; what it cannot express (``routing``, ``profiles``,
+``selectors``, ``filters``, ...) is listed. Each ``cmd`` is read as llama-swap reads it:
+``#`` comment lines dropped before macros are expanded (a comment may name a macro),
+macros expanded (within macros too, with a guard against cycles), comment lines dropped
+again, a line ending in ``\\`` joined to the next, then split like a shell would
+(``shlex``). A program named ``llama-server`` (any directory, any ``-SUFFIX``, ``.exe``)
+becomes ``llama_server.command``, ``--model``/``-m`` the profile's ``model``,
+``--port``/``--host`` are dropped (swapd owns them) and every other option becomes a
+``flags`` entry (``true`` for a bare flag, a list for a repeated one).
 
 :func:`import_manifest` reads the manifest of a "router on one box, sidecar on the GPU
 host" setup: ``profiles:`` (or ``models:``) of ``{model, flags}`` where any other key is
@@ -32,7 +38,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, TextIO, TypeGuard
+from typing import Any, NamedTuple, TextIO, TypeGuard
 from urllib.parse import urlsplit
 
 import attrs
@@ -42,7 +48,7 @@ from swapd import config as cfg
 from swapd.errors import ConfigError
 from swapd.flags import FlagValue, canonical_flag, format_value, normalize_flag
 
-__all__ = ["IMPORTERS", "import_llama_swap", "import_manifest", "run_import"]
+__all__ = ["IMPORTERS", "Imported", "import_llama_swap", "import_manifest", "run_import"]
 
 LLAMA_SWAP_LISTEN = ":8080"
 """llama-swap's default listen address (its ``--listen`` flag), for the output's comment."""
@@ -51,18 +57,34 @@ _MACRO = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _DECIMAL = re.compile(r"-?[0-9]+\.[0-9]+")
 _NUMBERISH = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
-_LLAMA_SERVER = re.compile(r"(?:llama[-_]server|server)(?:[-_.][A-Za-z0-9_.-]*)?(?:\.exe)?",
-                           re.IGNORECASE)
+_LLAMA_SERVER = re.compile(r"llama[-_]server(?:-[^\s/\\]+)?(?:\.exe)?", re.IGNORECASE)
+"""The name of the program: ``llama-server``, ``llama-server-ec9e0301``, ``llama-server.exe``."""
+_UNPRINTABLE = re.compile("[^\t\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""What YAML does not allow in a file, not even in a comment (and line breaks)."""
 _DOWNLOADS = ("hf-repo", "hf-file", "model-url", "docker-repo")
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0")
-_MAX_MACRO_DEPTH = 16
+_MAX_MACRO_DEPTH = 64
+"""Macros within macros deeper than this are left unexpanded (and listed)."""
+_MAX_EXPANDED_CHARS = 65536
+"""A macro that expands to more than this (``${a}${a}`` over and over) is left as is."""
+_CONTAINER_ENGINES = ("docker", "podman", "nerdctl")
 _KNOWN_ENGINES = {
     "vllm": "vLLM", "python": "a Python program", "python3": "a Python program",
-    "docker": "a container (docker)", "podman": "a container (podman)",
     "sglang": "SGLang", "koboldcpp": "KoboldCpp", "tabbyapi": "TabbyAPI",
     "ollama": "Ollama", "whisper-server": "whisper.cpp's server",
     "sd-server": "stable-diffusion.cpp's server",
 }
+
+
+class Imported(NamedTuple):
+    """What an importer made of a source config."""
+
+    config: str
+    """The swapd config, as commented YAML."""
+    unmapped: list[str]
+    """What could not be carried over, one line each: ``where: what, and what to do``."""
+    models: dict[str, str]
+    """For each model (profile) of the source: ``"imported"``, or why it was not."""
 
 
 @attrs.define
@@ -90,6 +112,7 @@ class _Draft:
     command_note: str | None = None
     env: dict[str, str] = attrs.field(factory=dict)
     start_timeout: float | None = None
+    stop_timeout: float | None = None
     ttl: float | None = None
     reasoning: bool | None = None
     reasoning_note: str | None = None
@@ -100,22 +123,36 @@ class _Draft:
     fallback_note: str | None = None
     unmapped: list[str] = attrs.field(factory=list)
     names: set[str] = attrs.field(factory=set)
+    outcomes: dict[str, str] = attrs.field(factory=dict)  # model -> "imported" or why not
 
     def lose(self, where: str, what: str) -> None:
-        self.unmapped.append(f"{where}: {what}")
+        self.unmapped.append(_one_line(f"{where}: {what}"))
 
-    def claim(self, name: str, where: str) -> str | None:
-        """A valid, unused swapd name for ``name`` (sanitised), or None (and why)."""
+    def leave_out(self, model: str, where: str, why: str, advice: str = "",
+                  original: str | None = None) -> None:
+        """Record that ``model`` is not imported, and why; a comment in the config says so,
+        above its ``original`` text."""
+        self.outcomes[model] = why = _one_line(why)
+        self.lose(where, f"{why}; {advice}" if advice else f"{why}; left out")
+        self.skipped.append((model, why, original or ""))
+
+    def claim(self, name: str, where: str, model: str | None = None) -> str | None:
+        """A valid, unused swapd name for ``name`` (sanitised), or None (and why). For a
+        ``model``, its outcome says which."""
         clean = re.sub(r"[^A-Za-z0-9._:/@+-]+", "-", name.strip()).strip("-")
-        if not clean:
-            self.lose(where, f"{name!r} cannot be a swapd name; left out")
+        refused = (f"{name!r} cannot be a swapd name" if not clean else
+                   f"the name {clean!r} is already taken" if clean in self.names else None)
+        if refused is not None:
+            if model is not None:
+                self.leave_out(model, where, refused)
+            else:
+                self.lose(where, f"{refused}; left out")
             return None
         if clean != name:
             self.lose(where, f"{name!r} is not a valid swapd name (letters, digits and "
                       f". _ : / @ + - only); clients must now ask for {clean!r}")
-        if clean in self.names:
-            self.lose(where, f"the name {clean!r} is already taken; left out")
-            return None
+            if model is not None:
+                self.outcomes[model] = f"imported as {clean!r}"
         self.names.add(clean)
         return clean
 
@@ -124,6 +161,7 @@ class _Draft:
 
 _MODEL_KEYS_HANDLED = {"cmd", "macros", "ttl", "aliases", "env", "name", "description",
                        "proxy", "checkEndpoint"}
+_MODEL_TEXT_KEYS = ("name", "description", "proxy", "checkEndpoint")  # macros apply
 
 _MODEL_KEYS_LOST = {
     "cmdStop": "swapd stops llama-server itself (SIGTERM to its process group, SIGKILL "
@@ -139,6 +177,10 @@ _MODEL_KEYS_LOST = {
                         "queue.max_waiting bounds the requests that wait",
     "sendLoadingState": "swapd's progress.reasoning is one setting for all profiles",
     "timeouts": "swapd's connection timeouts to llama-server are not per profile",
+    "unloadTimeout": "swapd's timeouts.stop is one setting for all profiles",
+    "capabilities": "swapd's /v1/models reports each profile's context length; other "
+                    "capabilities are not listed",
+    "compat": "swapd has no per-model compatibility settings",
 }
 
 _TOP_KEYS_LOST = {
@@ -150,17 +192,27 @@ _TOP_KEYS_LOST = {
     "captureBuffer": "swapd does not capture request and response bodies",
     "includeAliasesInList": "swapd's /v1/models lists each profile once, with its "
                             "aliases in the entry's 'aliases' field",
+    "logRequests": "swapd has no such setting; SWAPD_LOG_LEVEL sets how much it logs",
+    "ui": "swapd's status page at / has no settings",
+    "performance": "swapd does not sample system statistics; GET /metrics has its own",
+    "upstream": "only inference requests (POST /v1/...) load a model in swapd; other "
+                "paths never do, so there is nothing to ignore",
+    "profiles": "llama-swap's profiles (sets of models, pinned names) have no swapd "
+                "equivalent: each model above is a swapd profile of its own, asked for by "
+                "its name or an alias",
+    "matrix": "swapd runs one model at a time; sets of models that run together are not "
+              "possible, every profile swaps with every other",
 }
 
 
-def import_llama_swap(text: str, *,
-                      environ: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
-    """A swapd config (commented YAML) from llama-swap config ``text``, and what could not
-    be carried over (one line each, ``where: what and what to do``).
+def import_llama_swap(text: str, *, environ: Mapping[str, str] | None = None) -> Imported:
+    """A swapd config (commented YAML) from llama-swap config ``text``, what could not be
+    carried over (one line each, ``where: what and what to do``), and for each model
+    whether it was imported or why not.
 
     ``${env.VAR}`` macros are read from ``environ`` (default: ``os.environ``); a variable
     that is not set stays in the text and is listed. Raises :class:`ConfigError` when
-    ``text`` is not YAML or has no ``models`` mapping.
+    ``text`` is not YAML, has no ``models`` mapping, or no model could be imported.
     """
     source = "llama-swap config"
     data = cfg._read_yaml(text, source)
@@ -184,7 +236,7 @@ def import_llama_swap(text: str, *,
     _choose_command(draft, binaries)
     _lift_common_env(draft)
     _require_profiles(draft, source)
-    return _render(draft), draft.unmapped
+    return Imported(_render(draft), draft.unmapped, draft.outcomes)
 
 
 def _llama_swap_top(key: str, value: Any, draft: _Draft) -> None:
@@ -196,6 +248,12 @@ def _llama_swap_top(key: str, value: Any, draft: _Draft) -> None:
         else:
             draft.lose(key, f"expected seconds, got {value!r}; timeouts.start left at "
                        "its default (120s)")
+    elif key == "unloadTimeout":
+        if _is_number(value) and value > 0:
+            draft.stop_timeout = float(value)
+        else:
+            draft.lose(key, f"expected seconds, got {value!r}; timeouts.stop left at "
+                       "its default (10s)")
     elif key == "globalTTL":
         if _is_number(value) and value >= 0:
             draft.ttl = float(value)
@@ -212,10 +270,11 @@ def _llama_swap_top(key: str, value: Any, draft: _Draft) -> None:
     elif key == "apiKeys":
         _llama_swap_keys(value, draft)
     elif key == "groups":
-        _llama_swap_groups(value, draft)
-    elif key == "matrix":
-        draft.lose(key, "swapd runs one model at a time; sets of models that run "
-                   "together are not possible, every profile swaps with every other")
+        _llama_swap_groups(value, draft, key)
+    elif key == "routing":
+        _llama_swap_routing(value, draft)
+    elif key == "selectors":
+        _llama_swap_selectors(value, draft)
     elif key == "hooks":
         _llama_swap_hooks(value, draft)
     elif key == "peers":
@@ -223,7 +282,8 @@ def _llama_swap_top(key: str, value: Any, draft: _Draft) -> None:
     elif key in _TOP_KEYS_LOST:
         draft.lose(key, _TOP_KEYS_LOST[key])
     else:
-        draft.lose(key, "not a llama-swap setting swapd knows; left out")
+        draft.lose(key, "a setting this importer does not know (newer than it, or a "
+                   "typo); left out")
 
 
 def _llama_swap_keys(value: Any, draft: _Draft) -> None:
@@ -242,13 +302,13 @@ def _llama_swap_keys(value: Any, draft: _Draft) -> None:
                "endpoint but /health, not only on inference")
 
 
-def _llama_swap_groups(value: Any, draft: _Draft) -> None:
+def _llama_swap_groups(value: Any, draft: _Draft, where: str) -> None:
     if not isinstance(value, Mapping):
-        draft.lose("groups", "not a mapping; left out")
+        draft.lose(where, "not a mapping; left out")
         return
     for name, group in value.items():
         group = group if isinstance(group, Mapping) else {}
-        members = [str(m) for m in group.get("members") or []]
+        members = _names(group.get("members"))
         what = [f"swapd runs one model at a time: members {', '.join(members) or '(none)'} "
                 "swap with each other and with every other profile"]
         if group.get("swap") is False:
@@ -258,15 +318,54 @@ def _llama_swap_groups(value: Any, draft: _Draft) -> None:
         if group.get("persistent") is True:
             what.append("persistent: true is not kept (a ttl of 0 keeps a model until "
                         "another one is asked for)")
-        draft.lose(f"groups.{name}", "; ".join(what))
+        draft.lose(f"{where}.{name}", "; ".join(what))
+
+
+def _llama_swap_routing(value: Any, draft: _Draft) -> None:
+    """``routing:`` (newer llama-swap): a router (``group`` or ``matrix``), a scheduler."""
+    if not isinstance(value, Mapping):
+        draft.lose("routing", "not a mapping; left out")
+        return
+    for key, body in value.items():
+        where = f"routing.{key}"
+        body = body if isinstance(body, Mapping) else {}
+        if key == "router":
+            settings = body.get("settings")
+            settings = settings if isinstance(settings, Mapping) else {}
+            if "groups" in settings:
+                _llama_swap_groups(settings["groups"], draft, f"{where}.settings.groups")
+            if "matrix" in settings:
+                draft.lose(f"{where}.settings.matrix", _TOP_KEYS_LOST["matrix"])
+            if not {"groups", "matrix"} & set(settings):
+                draft.lose(where, f"use: {body.get('use', 'group')!s}: swapd has one way to "
+                           "route, one model at a time; left out")
+        elif key == "scheduler":
+            draft.lose(where, f"use: {body.get('use', 'fifo')!s}: swapd serves waiting "
+                       "requests model by model, oldest first, with a starvation bound "
+                       "(queue.starvation_bound); left out")
+        else:
+            draft.lose(where, "a routing setting this importer does not know; left out")
+
+
+def _llama_swap_selectors(value: Any, draft: _Draft) -> None:
+    """``selectors:`` (newer llama-swap): one name that picks one of several models."""
+    if not isinstance(value, Mapping) or not value:
+        draft.lose("selectors", "not a mapping of selectors; left out")
+        return
+    for name, body in value.items():
+        body = body if isinstance(body, Mapping) else {}
+        names = ", ".join(_names(body.get("targets"))) or "(none)"
+        draft.lose(f"selectors.{name}", f"picks one of {names} (strategy "
+                   f"{body.get('strategy', 'warm')!s}); swapd has no selectors: make "
+                   f"{str(name)!r} an alias of one of those profiles instead")
 
 
 def _llama_swap_hooks(value: Any, draft: _Draft) -> None:
     hooks = value if isinstance(value, Mapping) else {}
     startup = hooks.get("on_startup")
-    preload = startup.get("preload") if isinstance(startup, Mapping) else None
+    preload = _names(startup.get("preload")) if isinstance(startup, Mapping) else []
     if preload:
-        names = ", ".join(str(p) for p in preload)
+        names = ", ".join(preload)
         draft.lose("hooks.on_startup.preload", f"swapd loads a model on its first request; "
                    f"to preload ({names}), run 'swapd load NAME' or POST /swapd/load "
                    "{\"model\": NAME} once swapd is up (ExecStartPost= in a systemd "
@@ -298,7 +397,7 @@ def _llama_swap_peers(value: Any, draft: _Draft) -> None:
             key_env = f"{_env_safe(str(peer))}_API_KEY"
             draft.lose(f"peers.{peer}.apiKey", f"not copied: put the key in ${key_env} "
                        "in swapd's environment (fallbacks read keys from there)")
-        for model in body.get("models") or []:
+        for model in _names(body.get("models")):
             fallback: dict[str, Any] = {"name": f"{peer}:{model}", "base_url": base_url,
                                         "model": str(model)}
             if key_env:
@@ -316,49 +415,72 @@ def _llama_swap_model(model_id: str, body: Any, macros: Mapping[str, str],
                       environ: Mapping[str, str], draft: _Draft,
                       binaries: dict[str, str]) -> None:
     where = f"models.{model_id}"
-    if not isinstance(body, Mapping) or not isinstance(body.get("cmd"), str):
-        draft.lose(where, "has no 'cmd'; left out")
+    if not isinstance(body, Mapping):
+        draft.leave_out(model_id, where, "not a mapping of settings")
+        return
+    raw = body.get("cmd")
+    if not isinstance(raw, str):
+        draft.leave_out(model_id, where, "no 'cmd'" if raw is None else
+                        f"its cmd is not a command line (got {type(raw).__name__})")
         return
     local = {**macros, **_string_macros(body.get("macros"), f"{where}.macros", draft),
              "MODEL_ID": model_id}
-    cmd = _expand(body["cmd"], local, environ, f"{where}.cmd", draft)
+    # llama-swap drops comment lines before it expands macros: '# ${llama} is ...' must
+    # not turn into the command.
+    cmd = _expand(_strip_comment_lines(raw), local, environ, f"{where}.cmd", draft)
     try:
-        argv = shlex.split(_strip_comment_lines(cmd))
+        argv = shlex.split(_join_lines(cmd))
     except ValueError as error:
-        draft.skipped.append((model_id, f"its cmd cannot be split: {error}", body["cmd"]))
-        draft.lose(f"{where}.cmd", f"cannot be split like a shell would ({error}); left out")
+        draft.leave_out(model_id, f"{where}.cmd", f"its cmd cannot be split like a shell "
+                        f"would ({error})", original=raw)
         return
     env, argv = _split_env_prefix(argv)
     if not argv:
-        draft.lose(f"{where}.cmd", "is empty; left out")
+        draft.leave_out(model_id, f"{where}.cmd", "its cmd is empty")
         return
     program = argv[0]
-    if not _LLAMA_SERVER.fullmatch(PurePosixPath(program).name):
-        engine = _KNOWN_ENGINES.get(PurePosixPath(program).name.lower(), f"{program!r}")
-        why = f"runs {engine} ('{PurePosixPath(program).name}'), not llama-server"
-        draft.skipped.append((model_id, why, shlex.join(argv)))
-        draft.lose(where, f"{why}; swapd only runs llama-server. Left out: serve it "
-                   "elsewhere and add it as a fallback, or use a GGUF of the model")
+    base = re.split(r"[/\\]", program)[-1]
+    if base.lower() in _CONTAINER_ENGINES:
+        verb = f"{base} {argv[1]}" if len(argv) > 1 and not argv[1].startswith("-") else base
+        draft.leave_out(model_id, where, f"cmd uses {verb} (a container)",
+                        "swapd starts llama-server itself, as its own child: install "
+                        "llama-server on the host, or serve the container elsewhere and add "
+                        "it as a fallback", original=shlex.join(argv))
+        return
+    if not _LLAMA_SERVER.fullmatch(base):
+        engine = _KNOWN_ENGINES.get(base.lower())
+        why = f"not llama-server: program {base!r}" + (f" ({engine})" if engine else "")
+        draft.leave_out(model_id, where, why, "swapd only runs llama-server: serve it "
+                        "elsewhere and add it as a fallback, or use a GGUF of the model",
+                        original=shlex.join(argv))
         return
 
-    profile = _profile_from_args(model_id, argv[1:], where, draft)
+    profile = _profile_from_args(model_id, argv[1:], where, draft, shlex.join(argv))
     if profile is None:
-        draft.skipped.append((model_id, "no local model file",
-                              shlex.join(argv)))
         return
-    name = draft.claim(model_id, where)
+    name = draft.claim(model_id, where, model=model_id)
     if name is None:
         return
     profile.name = name
     binaries[name] = program
+    draft.outcomes.setdefault(model_id, "imported")
 
     for key in map(str, body):
         if key in _MODEL_KEYS_LOST:
-            draft.lose(f"{where}.{key}", _MODEL_KEYS_LOST[key])
+            draft.lose(f"{where}.{key}", _model_key_lost(key, body[key]))
         elif key not in _MODEL_KEYS_HANDLED:
-            draft.lose(f"{where}.{key}", "not a llama-swap setting swapd knows; left out")
+            draft.lose(f"{where}.{key}", "a model setting this importer does not know "
+                       "(newer than it, or a typo); left out")
+    text = {key: _expand(body[key], local, environ, f"{where}.{key}", draft)
+            for key in _MODEL_TEXT_KEYS if isinstance(body.get(key), str)}
+    for key in _MODEL_TEXT_KEYS:
+        if body.get(key) is not None and key not in text:
+            draft.lose(f"{where}.{key}", f"expected text, got {_scalar(body[key])}; left out")
     profile.env.update(env)
-    for item in body.get("env") or []:
+    items = body.get("env")
+    if items is not None and not isinstance(items, list):
+        draft.lose(f"{where}.env", "expected a list of NAME=VALUE; left out")
+    for item in items if isinstance(items, list) else []:
         var, eq, val = str(item).partition("=")
         if eq and re.fullmatch(cfg._ENV_NAME, var) and "${env." in val:
             # Often a secret (HF_TOKEN=${env.HF_TOKEN}): never copied into the file. The
@@ -371,26 +493,45 @@ def _llama_swap_model(model_id: str, body: Any, macros: Mapping[str, str],
         else:
             draft.lose(f"{where}.env", f"{item!r} is not NAME=VALUE; left out")
     ttl = body.get("ttl")
+    if isinstance(ttl, str):  # ttl: ${ttl}
+        expanded = _expand(ttl, local, environ, f"{where}.ttl", draft).strip()
+        ttl = float(expanded) if _NUMBERISH.fullmatch(expanded) else ttl
     if _is_number(ttl) and ttl >= 0:
         profile.ttl = float(ttl)
     elif ttl is not None and ttl != -1:
         draft.lose(f"{where}.ttl", f"expected seconds, got {ttl!r}; the global ttl applies")
-    for index, alias in enumerate(body.get("aliases") or []):
+    aliases = body.get("aliases")
+    if aliases is not None and not isinstance(aliases, list):
+        draft.lose(f"{where}.aliases", "expected a list of names; left out")
+    for index, alias in enumerate(aliases if isinstance(aliases, list) else []):
         alias_id = alias.get("id") if isinstance(alias, Mapping) else alias
         if isinstance(alias_id, str):
+            alias_id = _expand(alias_id, local, environ, f"{where}.aliases", draft)
             claimed = draft.claim(alias_id, f"{where}.aliases[{index}]")
             if claimed is not None:
                 profile.aliases.append(claimed)
-    if isinstance(body.get("name"), str) and body["name"].strip():
-        profile.display_name = body["name"]
-    if isinstance(body.get("description"), str) and body["description"].strip():
-        profile.description = body["description"]
-    _check_proxy(body.get("proxy"), f"{where}.proxy", draft)
-    endpoint = body.get("checkEndpoint")
+        else:
+            draft.lose(f"{where}.aliases[{index}]", "not a name; left out")
+    if text.get("name", "").strip():
+        profile.display_name = text["name"]
+    if text.get("description", "").strip():
+        profile.description = text["description"]
+    _check_proxy(text.get("proxy"), f"{where}.proxy", draft)
+    endpoint = text.get("checkEndpoint")
     if endpoint not in (None, "", "/health"):
         draft.lose(f"{where}.checkEndpoint", f"{endpoint!r}: swapd always waits for "
                    "llama-server's /health")
     draft.profiles.append(profile)
+
+
+def _model_key_lost(key: str, value: Any) -> str:
+    """Why a model's ``key`` is not carried over, with what it did where that helps."""
+    what = _MODEL_KEYS_LOST[key]
+    if key == "filters" and isinstance(value, Mapping):
+        stripped = value.get("stripParams", value.get("strip_params"))
+        if isinstance(stripped, str) and stripped.strip():
+            what = f"it removed {stripped.strip()!r} from requests; {what}"
+    return what
 
 
 def _check_proxy(proxy: Any, where: str, draft: _Draft) -> None:
@@ -403,53 +544,117 @@ def _check_proxy(proxy: Any, where: str, draft: _Draft) -> None:
                "loopback; requests no longer go there")
 
 
+def _names(value: Any) -> list[str]:
+    """The names in a list of names (or one name); anything else has none."""
+    items = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    return [str(item) for item in items
+            if isinstance(item, str | int | float) and not isinstance(item, bool)]
+
+
 def _string_macros(value: Any, where: str, draft: _Draft) -> dict[str, str]:
+    """A ``macros`` mapping as text (numbers and true/false as llama-swap prints them)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         draft.lose(where, "not a mapping; macros left unexpanded")
         return {}
-    return {str(k): _text(v) for k, v in value.items()}
+    macros: dict[str, str] = {}
+    for name, macro in value.items():
+        if isinstance(macro, str | int | float | bool):
+            macros[str(name)] = _text(macro)
+        else:
+            draft.lose(f"{where}.{name}", f"expected text, a number or true/false, got "
+                       f"{_scalar(macro)}; ${{{name}}} left unexpanded")
+    return macros
+
+
+class _Unexpandable(Exception):
+    """A macro that expands too far: nested too deep, or to too much text."""
 
 
 def _expand(text: str, macros: Mapping[str, str], environ: Mapping[str, str], where: str,
             draft: _Draft) -> str:
     """``text`` with ``${env.VAR}`` and ``${macro}`` replaced, macros within macros too.
 
-    ``${PORT}`` stays: the argv parser drops the ``--port`` it belongs to.
+    Each macro is expanded where it is used, so the model's macros and ``${MODEL_ID}``
+    reach into global ones, and order of definition does not matter. What cannot be
+    expanded stays as written and is listed: an unset variable, an unknown macro, macros
+    that refer to each other in a circle, nesting deeper than :data:`_MAX_MACRO_DEPTH`,
+    a result longer than :data:`_MAX_EXPANDED_CHARS`. ``${PORT}`` stays: the argv parser
+    drops the ``--port`` it belongs to.
     """
-    missing: list[str] = []
+    notes: list[str] = []
+    done: dict[str, str] = {}  # macro -> its expansion, where no cycle was cut short
+    cycles = [0]
 
-    def one(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name.startswith("env."):
-            if name[4:] in environ:
-                return environ[name[4:]]
-        elif name in macros:
-            return macros[name]
-        elif name == "PORT":
+    def note(what: str) -> None:
+        if what not in notes:
+            notes.append(what)
+
+    def macro(name: str, stack: tuple[str, ...]) -> str:
+        if name not in done:
+            before = cycles[0]
+            expanded = expand(macros[name], (*stack, name))
+            if cycles[0] != before:
+                return expanded  # depends on where it was used from
+            done[name] = expanded
+        return done[name]
+
+    def expand(part: str, stack: tuple[str, ...]) -> str:
+        def one(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name.startswith("env."):
+                if name[4:] in environ:
+                    return environ[name[4:]]
+                note(f"${{{name}}}: the environment variable {name[4:]} is not set here; "
+                     "left as is")
+            elif name in stack:
+                cycles[0] += 1
+                cycle = " -> ".join((*stack[stack.index(name):], name))
+                note(f"the macros {cycle} refer to each other in a circle; ${{{name}}} left "
+                     "as is")
+            elif name in macros:
+                if not stack:  # a use in the text itself: report a runaway macro by name
+                    try:
+                        return macro(name, stack)
+                    except _Unexpandable as error:
+                        note(f"${{{name}}} {error}; left as is")
+                        return match.group(0)
+                if len(stack) >= _MAX_MACRO_DEPTH:
+                    raise _Unexpandable(f"nests macros more than {_MAX_MACRO_DEPTH} deep")
+                return macro(name, stack)
+            elif name != "PORT":
+                note(f"${{{name}}} is not a defined macro; left as is")
             return match.group(0)
-        if name not in missing:
-            missing.append(name)
-        return match.group(0)
 
-    for _ in range(_MAX_MACRO_DEPTH):
-        expanded = _MACRO.sub(one, text)
-        if expanded == text:
-            break
-        text = expanded
-    for name in missing:
-        what = (f"${{{name}}}: the environment variable {name[4:]} is not set here; left "
-                "as is" if name.startswith("env.") else f"${{{name}}} is not a defined "
-                "macro; left as is")
+        expanded = _MACRO.sub(one, part)
+        if len(expanded) > _MAX_EXPANDED_CHARS:
+            raise _Unexpandable(f"expands to more than {_MAX_EXPANDED_CHARS} characters")
+        return expanded
+
+    try:
+        text = expand(text, ())
+    except _Unexpandable as error:  # the text itself, with every macro used, is too long
+        note(f"{error}; left unexpanded")
+    for what in notes:
         draft.lose(where, what)
     return text
 
 
 def _strip_comment_lines(cmd: str) -> str:
-    """llama-swap drops ``#`` comment lines of a ``cmd``; ``\\`` continues a line."""
-    lines = [line for line in cmd.splitlines() if not line.lstrip().startswith("#")]
-    return "\n".join(lines).replace("\\\n", " ")
+    """``cmd`` without its ``#`` comment lines, which llama-swap drops before expanding
+    macros (and again after: a macro may bring some)."""
+    return "\n".join(line for line in cmd.split("\n") if not line.strip().startswith("#"))
+
+
+def _join_lines(cmd: str) -> str:
+    """As llama-swap's ``SanitizeCommand``: comment lines dropped, and a line that ends in
+    ``\\`` (after trailing blanks) goes on on the next line."""
+    lines = []
+    for line in _strip_comment_lines(cmd).split("\n"):
+        trimmed = line.strip()
+        lines.append(trimmed[:-1] + " " if trimmed.endswith("\\") else line)
+    return "\n".join(lines)
 
 
 def _split_env_prefix(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -464,9 +669,10 @@ def _split_env_prefix(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return env, argv
 
 
-def _profile_from_args(model_id: str, args: Iterable[str], where: str,
-                       draft: _Draft) -> _Profile | None:
-    """The profile a llama-server argv (after the program) describes, or None."""
+def _profile_from_args(model_id: str, args: Iterable[str], where: str, draft: _Draft,
+                       original: str | None = None) -> _Profile | None:
+    """The profile a llama-server argv (after the program) describes, or None (the model
+    is left out, and its ``original`` command kept as a comment)."""
     model: str | None = None
     flags: dict[str, FlagValue] = {}
     spelled: dict[str, str] = {}  # canonical name -> key as written
@@ -494,7 +700,7 @@ def _profile_from_args(model_id: str, args: Iterable[str], where: str,
             draft.lose(f"{where}.cmd", f"{token!r} is not a flag name; left out")
             continue
         if canonical == "model":
-            if isinstance(value, str):
+            if isinstance(value, str) and value.strip():
                 model = value
             continue
         if canonical in ("host", "port"):
@@ -518,8 +724,9 @@ def _profile_from_args(model_id: str, args: Iterable[str], where: str,
             flags[key] = typed
     if model is None:
         how = (f" (it downloads one with {', '.join(downloads)})" if downloads else "")
-        draft.lose(where, f"no --model in its cmd{how}: swapd needs a local GGUF path; "
-                   "download the file and add a profile with 'model: PATH'")
+        draft.leave_out(model_id, where, f"no --model in its cmd{how}", "swapd needs a local "
+                        "GGUF path: download the file and add a profile with 'model: PATH'",
+                        original=original)
         return None
     if "${PORT}" in str(flags):
         draft.lose(f"{where}.cmd", "uses ${PORT} outside --port; swapd's port is only "
@@ -581,8 +788,9 @@ _ARGS_KEYS = ("args", "extra_args", "argv")
 _COMMAND_KEYS = ("llama_server", "llama_server_bin", "server_bin", "binary", "command")
 
 
-def import_manifest(text: str) -> tuple[str, list[str]]:
-    """A swapd config from a router/sidecar ``manifest.yaml``, and what was left out.
+def import_manifest(text: str) -> Imported:
+    """A swapd config from a router/sidecar ``manifest.yaml``, what was left out, and for
+    each profile whether it was imported or why not.
 
     The manifest holds ``profiles:`` (or ``models:``), each ``NAME: {model, flags, ...}``.
     ``flags`` may be a mapping (as in swapd), a list of argv words or one command-line
@@ -622,25 +830,25 @@ def import_manifest(text: str) -> tuple[str, list[str]]:
         raise ConfigError(["this looks like a llama-swap config (its models have 'cmd'); "
                            "import it with 'swapd import llama-swap'"], source=source)
     _require_profiles(draft, source)
-    return _render(draft), draft.unmapped
+    return Imported(_render(draft), draft.unmapped, draft.outcomes)
 
 
 def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
     if isinstance(body, str):
         body = {"model": body}
     if not isinstance(body, Mapping):
-        draft.lose(where, "expected a mapping with 'model'; left out")
+        draft.leave_out(name, where, "not a mapping with 'model'")
         return
-    model_key = next((k for k in _MODEL_KEY_SPELLINGS if isinstance(body.get(k), str)), None)
+    model_key = next((k for k in _MODEL_KEY_SPELLINGS
+                      if isinstance(body.get(k), str) and body[k].strip()), None)
     if model_key is None:
-        draft.lose(where, "has no model path ('model:'); left out")
-        draft.skipped.append((name, "no model path", _scalar(dict(body))))
+        draft.leave_out(name, where, "no model path ('model:')", original=_scalar(dict(body)))
         return
     args: list[str] = []
     flags: dict[str, FlagValue] = {}
     raw_flags = body.get("flags")
     if isinstance(raw_flags, str):
-        args += shlex.split(raw_flags)
+        args += _shell_words(raw_flags, f"{where}.flags", draft)
     elif isinstance(raw_flags, list):
         args += [_text(v) for v in raw_flags]
     elif isinstance(raw_flags, Mapping):
@@ -651,7 +859,7 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
     for key in _ARGS_KEYS:
         value = body.get(key)
         if isinstance(value, str):
-            args += shlex.split(value)
+            args += _shell_words(value, f"{where}.{key}", draft)
         elif isinstance(value, list):
             args += [_text(v) for v in value]
     for key, value in body.items():
@@ -659,11 +867,13 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
         if key in _PROFILE_KEYS or key in _ARGS_KEYS or key == model_key or key == "name":
             continue
         _manifest_flag(key, value, where, flags, draft)
-    parsed = _profile_from_args(name, ["--model", body[model_key], *args], where, draft)
+    # --model=PATH: a path that starts with '-' is still the value
+    parsed = _profile_from_args(name, [f"--model={body[model_key]}", *args], where, draft)
     assert parsed is not None  # --model is there
-    claimed = draft.claim(name, where)
+    claimed = draft.claim(name, where, model=name)
     if claimed is None:
         return
+    draft.outcomes.setdefault(name, "imported")
     profile = _Profile(name=claimed, model=body[model_key], flags={**flags, **parsed.flags},
                        notes=parsed.notes)
     display = body.get("display_name", body.get("name"))
@@ -672,8 +882,10 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
     if isinstance(body.get("description"), str):
         profile.description = body["description"]
     aliases = body.get("aliases")
-    for index, alias in enumerate([aliases] if isinstance(aliases, str) else aliases or []):
-        claimed_alias = draft.claim(str(alias), f"{where}.aliases[{index}]")
+    if aliases is not None and not isinstance(aliases, str | list):
+        draft.lose(f"{where}.aliases", "expected a list of names; left out")
+    for index, alias in enumerate(_names(aliases)):
+        claimed_alias = draft.claim(alias, f"{where}.aliases[{index}]")
         if claimed_alias is not None:
             profile.aliases.append(claimed_alias)
     ttl = body.get("ttl")
@@ -695,6 +907,14 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
         profile.keep_cache = body["keep_cache"]
     profile.flags = _one_spelling(profile.flags, where, draft)
     draft.profiles.append(profile)
+
+
+def _shell_words(text: str, where: str, draft: _Draft) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        draft.lose(where, f"cannot be split like a shell would ({error}); left out")
+        return []
 
 
 def _one_spelling(flags: Mapping[str, FlagValue], where: str,
@@ -757,7 +977,7 @@ def run_import(kind: str, source: str | os.PathLike[str], output: str | os.PathL
         print(f"swapd import: cannot read {path}: {error}", file=err)
         return 1
     try:
-        config, unmapped = importer(text)
+        config, unmapped, models = importer(text)
     except ConfigError as error:
         print(str(error).replace(error.source, str(path), 1), file=err)
         return 1
@@ -775,6 +995,11 @@ def run_import(kind: str, source: str | os.PathLike[str], output: str | os.PathL
             print(f"swapd import: cannot write {target}: {error.strerror or error}", file=err)
             return 1
     written = "the output" if output is None else str(output)
+    imported = sum(why.startswith("imported") for why in models.values())
+    print(f"{path}: {imported} of {len(models)} model(s) imported:", file=err)
+    for model, why in models.items():
+        print(f"  - {_one_line(model)}: {'' if why.startswith('imported') else 'not imported: '}"
+              f"{_one_line(why)}", file=err)
     if unmapped:
         print(f"{path}: {len(unmapped)} thing(s) not carried over (also listed at the top of "
               f"{written}):", file=err)
@@ -804,13 +1029,17 @@ def _render(draft: _Draft) -> str:
         out.append("llama_server:")
         if draft.command is not None:
             command = draft.command[0] if len(draft.command) == 1 else draft.command
-            note = f"  # {draft.command_note}" if draft.command_note else ""
+            note = f"  # {_one_line(draft.command_note)}" if draft.command_note else ""
             out.append(f"  command: {_scalar(command)}{note}")
         if draft.env:
             out.append("  env:  # set by every model before; now for every profile")
             out += [f"    {_scalar(k)}: {_scalar(v)}" for k, v in draft.env.items()]
-    if draft.start_timeout is not None:
-        out += ["timeouts:", f"  start: {_duration(draft.start_timeout)}  # healthCheckTimeout"]
+    if draft.start_timeout is not None or draft.stop_timeout is not None:
+        out.append("timeouts:")
+        if draft.start_timeout is not None:
+            out.append(f"  start: {_duration(draft.start_timeout)}  # healthCheckTimeout")
+        if draft.stop_timeout is not None:
+            out.append(f"  stop: {_duration(draft.stop_timeout)}  # unloadTimeout")
     if draft.ttl is not None:
         out.append(f"ttl: {_duration(draft.ttl)}  # globalTTL; 0 = never unload")
     if draft.reasoning is not None or draft.reasoning_note:
@@ -824,8 +1053,8 @@ def _render(draft: _Draft) -> str:
     for profile in draft.profiles:
         out += _render_profile(profile)
     for name, why, original in draft.skipped:
-        out.append(f"  # not imported: {name} ({why})")
-        out += [f"  #   {line}" for line in original.strip().splitlines()]
+        out.append(f"  # not imported: {_one_line(name)} ({why})")
+        out += [f"  #   {_one_line(line)}" for line in original.strip().splitlines()]
     if draft.fallbacks:
         block = yaml.safe_dump({"fallbacks": draft.fallbacks}, sort_keys=False,
                                default_flow_style=False, allow_unicode=True, width=math.inf)
@@ -864,6 +1093,12 @@ def _scalar(value: Any) -> str:
     if yaml.load(text, Loader=cfg._StrictLoader) != value:  # '1e6' is a number to swapd
         text = json.dumps(value, ensure_ascii=False)  # JSON is YAML, every string quoted
     return text
+
+
+def _one_line(text: str) -> str:
+    """``text`` for a comment or a list item: a line break would end the comment, and
+    what follows it would be read as config; a control character makes the YAML invalid."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], "\\n".join(text.splitlines()))
 
 
 def _duration(seconds: float) -> str:
@@ -905,7 +1140,7 @@ def _env_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).upper().strip("_") or "FALLBACK"
 
 
-IMPORTERS: Mapping[str, Callable[[str], tuple[str, list[str]]]] = cfg.FrozenDict({
+IMPORTERS: Mapping[str, Callable[[str], Imported]] = cfg.FrozenDict({
     "llama-swap": import_llama_swap,
     "manifest": import_manifest,
 })

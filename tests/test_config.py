@@ -643,3 +643,11 @@ def test_unreadable_model_file(tmp_path: Path) -> None:
     config = parse_config("profiles:\n  a: {model: a.gguf}\n", base_dir=tmp_path)
     assert missing_model_files(config) == [
         f"model file is not readable: {model} @ profiles.a.model"]
+
+
+def test_a_path_under_an_unknown_users_home_is_a_clear_problem() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config("profiles:\n  a: {model: ~no-such-user-h13/a.gguf}\n")
+    assert raised.value.problems == [
+        "'~no-such-user-h13/a.gguf': there is no user 'no-such-user-h13' whose home "
+        "directory '~no-such-user-h13' could mean; write the path out @ profiles.a.model"]
