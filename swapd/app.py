@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .auth import Keys, load_keys
+from .auth import Keys, load_keys, path_problem
 from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile, load_config
 from .errors import ConfigError, LeaseError
@@ -141,6 +141,11 @@ def create_app(frontend: Frontend) -> Any:
             await quart(scope, receive, send)
             return
         send = _shield_last_send(send)
+        # Refused before the key check and before routing: both then see one path.
+        problem = path_problem(scope["path"])
+        if problem is not None:
+            await send_error(send, 400, problem, "invalid_request_error", "invalid_path")
+            return
         if not frontend.keys.allows(scope["path"], scope["headers"]):
             await send_error(send, 401, "missing or invalid API key: send it as "
                              "'Authorization: Bearer KEY' or 'x-api-key: KEY'",

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from swapd.app import create_app
 from swapd.auth import load_keys
 from swapd.config import Security, parse_config
 from swapd.errors import ConfigError
+from swapd.proxy import KNOWN_ROUTES
 from swapd.serve import open_server
+from tests.support.rawhttp import asgi_exchange, exchange, request_bytes
 from tests.test_api import chat, config_text
 
 
@@ -50,3 +55,116 @@ def test_named_but_missing_keys_are_config_errors(tmp_path: Path,
     with pytest.raises(ConfigError, match=r"cannot read .*nope\.keys.* @ security\.admin_key_file"):
         load_keys(Security(admin_key_file=tmp_path / "nope.keys"))
     assert load_keys(Security()).required("/v1/models") == ()
+
+
+# --- every spelling of every protected route, under every key setup -------------------
+
+API_KEY, ADMIN_KEY = "api-secret", "admin-secret"
+KEY_SETUPS = {
+    "api only": {"api_key_env": "SWAPD_TEST_API_KEY"},
+    "admin only": {"admin_key_env": "SWAPD_TEST_ADMIN_KEY"},
+    "both": {"api_key_env": "SWAPD_TEST_API_KEY", "admin_key_env": "SWAPD_TEST_ADMIN_KEY"},
+}
+CONVERTER_SAMPLES = {"path": "chat/completions"}
+"""A value for each converter of a rule (``<path:x>``); any other converter gets "a"."""
+
+REAL_SAMPLE = frozenset({"/swapd/status", "/swapd/unload", "/v1/chat/completions"})
+"""Routes whose walk also goes through the real server, which must answer the same."""
+
+REFUSALS = {401: None, 400: "invalid_path", 404: "not_found", 405: "method_not_allowed"}
+"""What a request without the right key may get: 401, or an error that no handler
+produced (no route ran: the path is malformed, unknown, or the method is wrong)."""
+
+
+def needs(path: str) -> str:
+    """Which key a route takes, as docs/http.md says: "open", "api" or "admin"."""
+    if path in ("/", "/health") or path.startswith("/ui/"):
+        return "open"
+    if path == "/metrics" or path.startswith("/swapd/"):
+        return "admin"
+    return "api"
+
+
+def routes(app: Any) -> list[tuple[str, str]]:
+    """(method, path) for every route of the app's URL map, plus the inference routes."""
+    found = set()
+    for rule in app.quart.url_map.iter_rules():
+        path = re.sub(r"<(?:(\w+):)?\w+>",
+                      lambda m: CONVERTER_SAMPLES.get(m.group(1) or "", "a"), rule.rule)
+        for method in (rule.methods or set()) - {"HEAD"}:  # HEAD takes GET's route
+            found.add((method, path))
+    found |= {("POST", path) for path in KNOWN_ROUTES}
+    return sorted(found)
+
+
+def spellings(path: str) -> set[str]:
+    """Request targets that some layer (decoder, router) might read as ``path``."""
+    rest = path[1:]
+    segments = rest.split("/")
+    out = {
+        path, "/" + path, "//" + path, path + "/", path + "/.", "/./" + rest, "/x/.." + path,
+        "/x/%2e%2e" + path, "/%2F" + rest, "/" + rest.replace("/", "%2F"),
+        "/" + "".join(f"%{byte:02X}" for byte in rest.encode()),
+        f"/%{ord(rest[0]):02x}{rest[1:]}", f"/%25{ord(rest[0]):02X}{rest[1:]}",
+        path.upper(), path + ";x", path + "%00", path + "%20", path + "%0d%0aX-Injected:%201",
+        "/\\" + rest, "http://swapd" + path, "http://swapd/" + path,
+    }
+    for i in range(1, len(segments)):
+        head, tail = "/".join(segments[:i]), "/".join(segments[i:])
+        out |= {f"/{head}//{tail}", f"/{head}/./{tail}", f"/{head}/x/../{tail}"}
+    return out
+
+
+async def test_no_spelling_of_a_protected_route_opens_it_without_its_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every route of the URL map (and every inference route) in many spellings, with no
+    key and with the wrong one, under each key setup. The walk runs in-process; a sample
+    goes through the real server too and must get the same answers, so the walk's scopes
+    are the ones hypercorn builds."""
+    monkeypatch.setenv("SWAPD_TEST_API_KEY", API_KEY)
+    monkeypatch.setenv("SWAPD_TEST_ADMIN_KEY", ADMIN_KEY)
+    leaks: list[str] = []
+    checked = 0
+    for setup, security in KEY_SETUPS.items():
+        config_file = tmp_path / f"{setup.replace(' ', '-')}.yaml"
+        config_file.write_text(config_text(tmp_path, security=security))
+        config = parse_config(config_file.read_text(), base_dir=tmp_path)
+        has_api, has_admin = "api_key_env" in security, "admin_key_env" in security
+        right = {"open": None, "api": API_KEY if has_api else None,
+                 "admin": ADMIN_KEY if has_admin else API_KEY if has_api else None}
+        async with open_server(config, config_path=config_file) as running:
+            port = int(running.url.rsplit(":", 1)[1])
+            app = create_app(running.frontend)
+            for method, path in routes(app):
+                key = right[needs(path)]
+                if key is None:
+                    continue  # open in this setup
+                body = b"{}" if method == "POST" else b""
+                # The right key opens the plain spelling: the walk below tests something.
+                opened = await asgi_exchange(app, request_bytes(
+                    method, path, [("x-api-key", key)], body))
+                assert opened.status != 401 and opened.error_code() != "invalid_path", (
+                    setup, method, path, opened)
+                # The other key is wrong here (an API key on an admin route, an admin key
+                # on an API route, or one that is not configured at all).
+                other = ADMIN_KEY if key == API_KEY else API_KEY
+                tries = [(path, other)] + [(target, None) for target in spellings(path)]
+                if needs(path) == "admin":
+                    tries += [(target, other) for target in spellings(path)]
+                for target, credential in sorted(tries, key=str):
+                    headers = [("authorization", f"Bearer {credential}")] if credential else []
+                    request = request_bytes(method, target, headers, body)
+                    answer = await asgi_exchange(app, request)
+                    checked += 1
+                    if answer.status not in REFUSALS or REFUSALS[answer.status] not in (
+                            None, answer.error_code()):
+                        leaks.append(f"{setup}: {method} {target} with "
+                                     f"{credential or 'no key'} -> {answer.status} "
+                                     f"{answer.body[:80]!r}")
+                    if path in REAL_SAMPLE:
+                        real = await exchange(port, request)
+                        assert (real.status, real.error_code()) == (
+                            answer.status, answer.error_code()), (setup, method, target)
+    assert checked > 1000
+    assert not leaks, f"{len(leaks)} of {checked} requests got past the keys:\n" + "\n".join(
+        leaks[:60])
