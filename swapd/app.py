@@ -37,9 +37,11 @@ from .proxy import (
     InferenceProxy,
     Message,
     Receive,
+    RequestError,
     Scope,
     Send,
     error_body,
+    parse_json_object,
     send_error,
 )
 from .supervisor import Supervisor
@@ -129,10 +131,16 @@ def create_app(frontend: Frontend) -> Any:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         """Quart's own 404/405/413 as OpenAI-shaped JSON, like every other error here."""
+        status = error.code or 500
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-            error.code or 500, "http_error")
-        return _openai_error(error.code or 500, f"{error.name}: {request.method} "
-                             f"{request.path}", "invalid_request_error", code)
+            status, "http_error")
+        return _openai_error(status, f"{error.name}: {request.method} {_shown(request.path)}",
+                             "server_error" if status >= 500 else "invalid_request_error",
+                             code)
+
+    @app.errorhandler(RequestError)
+    async def request_error(error: RequestError) -> Response:
+        return _openai_error(error.status, str(error), "invalid_request_error", error.code)
     proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
@@ -190,6 +198,36 @@ def _json(obj: Any, status: int = 200) -> Response:
 def _openai_error(status: int, message: str, type_: str, code: str) -> Response:
     return Response(error_body(message, type_, code), status=status,
                     mimetype="application/json")
+
+
+_SHOWN = 200
+"""Characters of a client's path or name quoted back in an error message."""
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+async def _json_body() -> dict[str, Any]:
+    """The request's body as a JSON object, ``{}`` when there is none.
+
+    Anything else is a ``RequestError`` (400 ``invalid_json``): a body that is not JSON,
+    is not an object, or nests too deeply to read.
+    """
+    body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+    return parse_json_object(body) if body.strip() else {}
+
+
+def _name_field(body: dict[str, Any], *fields: str) -> str | None:
+    """The first of ``fields`` that ``body`` sets; a 400 when it is not a string."""
+    for field in fields:
+        value = body.get(field)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise RequestError(400, f"'{field}' must be a string", "invalid_model")
+        return value
+    return None
 
 
 def _iso(timestamp: float) -> str:
@@ -261,8 +299,7 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
     @app.route("/api/show", methods=["GET", "POST"])
     async def ollama_show() -> Response:
         if request.method == "POST":
-            body = await request.get_json(force=True, silent=True) or {}
-            name = body.get("model") or body.get("name") or ""
+            name = _name_field(await _json_body(), "model", "name") or ""
         else:
             name = request.args.get("model") or request.args.get("name") or ""
         entry = fe.entry(str(name))
@@ -400,9 +437,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
 
     @app.route("/swapd/load", methods=["POST"])
     async def load() -> Response:
-        body = await request.get_json(force=True, silent=True) or {}
-        name = body.get("model") or request.args.get("model")
-        if not isinstance(name, str) or not name:
+        name = _name_field(await _json_body(), "model") or request.args.get("model")
+        if not name:
             return _openai_error(400, "name the profile to load: {\"model\": \"NAME\"}",
                                  "invalid_request_error", "model_required")
         timeouts = fe.config.timeouts

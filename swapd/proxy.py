@@ -114,11 +114,11 @@ class InferenceProxy:
             if body is None:
                 return  # the client left before it finished sending
             payload = _parse(body)
+            if progress.may_carry_progress(body) and progress.strip_progress(payload):
+                body = encode_json(payload)
         except RequestError as error:
             await ex.fail(error.status, str(error), "invalid_request_error", error.code)
             return
-        if progress.may_carry_progress(body) and progress.strip_progress(payload):
-            body = json.dumps(payload).encode()
         ex.body, ex.payload, ex.stream = body, payload, payload.get("stream") is True
         name = payload.get("model")
         ex.label = self.metrics.model_label(name)
@@ -244,6 +244,10 @@ class InferenceProxy:
             try:
                 response = HttpxResponse(await self.fallbacks.open_response(
                     fallback, ex.scope["path"], ex.payload))
+            except RecursionError:  # parsed, but too deep to encode again from here
+                await ex.fail(400, "request body is JSON nested too deeply to forward",
+                              "invalid_request_error", "invalid_json")
+                return
             except httpx.HTTPError as error:
                 problem = f"{type(error).__name__}: {error}"
                 self.fallbacks.mark_down(fallback, problem)
@@ -349,14 +353,42 @@ def _target(scope: Scope) -> str:
     return str(scope["path"]) + ("?" + query.decode() if query else "")
 
 
-def _parse(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """``body`` as a JSON object; a 400 ``invalid_json`` for anything else.
+
+    JSON nested deeper than Python's recursion limit raises RecursionError, not
+    ValueError: that too is the client's malformed body, not swapd's failure.
+    """
     try:
         payload = json.loads(body)
     except ValueError as error:
         raise RequestError(400, f"request body is not valid JSON: {error}",
                            "invalid_json") from None
+    except RecursionError:
+        raise RequestError(400, "request body is JSON nested too deeply to read",
+                           "invalid_json") from None
     if not isinstance(payload, dict):
-        raise RequestError(400, "request body must be a JSON object", "invalid_json")
+        raise RequestError(400, "request body must be a JSON object, not "
+                           f"{_json_kind(payload)}", "invalid_json")
+    return payload
+
+
+def encode_json(payload: dict[str, Any]) -> bytes:
+    """``payload`` as JSON again; a 400 if it nests too deeply to write from here."""
+    try:
+        return json.dumps(payload).encode()
+    except RecursionError:
+        raise RequestError(400, "request body is JSON nested too deeply to forward",
+                           "invalid_json") from None
+
+
+def _json_kind(value: object) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    payload = parse_json_object(body)
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", "invalid_model")

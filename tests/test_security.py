@@ -16,7 +16,7 @@ from swapd.errors import ConfigError
 from swapd.proxy import KNOWN_ROUTES
 from swapd.serve import open_server
 from tests.support.rawhttp import asgi_exchange, exchange, request_bytes
-from tests.test_api import chat, config_text
+from tests.test_api import chat, config_text, swapd
 
 
 async def test_api_and_admin_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,3 +168,60 @@ async def test_no_spelling_of_a_protected_route_opens_it_without_its_key(
     assert checked > 1000
     assert not leaks, f"{len(leaks)} of {checked} requests got past the keys:\n" + "\n".join(
         leaks[:60])
+
+
+# --- bodies that are JSON, but not what a route can use --------------------------------
+
+JSON_ROUTES = ("/v1/chat/completions", "/v1/anything", "/completion", "/swapd/load",
+               "/api/show")
+"""Every route that reads a JSON body: inference (under /v1/ and llama-server's own),
+operations, and Ollama's POST /api/show."""
+
+DEPTH = 100_000
+
+
+NOT_AN_OBJECT = {
+    "deep array": b"[" * DEPTH + b"]" * DEPTH,
+    "deep object": b'{"a":' * DEPTH + b"1" + b"}" * DEPTH,
+    "deep, unclosed": b"[" * DEPTH,
+    "deep inside an object": b'{"model": "a", "x": ' + b"[" * DEPTH + b"]" * DEPTH + b"}",
+    "empty array": b"[]", "array": b'[{"model": "a"}]', "string": b'"x"', "number": b"3",
+    "null": b"null", "true": b"true", "not JSON": b"{not json", "not UTF-8": b"\xff\xfe",
+}
+
+
+async def test_a_body_that_is_not_a_json_object_is_400_on_every_route(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        for what, body in NOT_AN_OBJECT.items():
+            for path in JSON_ROUTES:
+                answer = await client.post(path, content=body)
+                assert answer.status_code == 400, (what, path, answer.status_code,
+                                                   answer.text[:200])
+                error = answer.json()["error"]
+                assert (error["type"], error["code"]) == (
+                    "invalid_request_error", "invalid_json"), (what, path)
+        assert running.supervisor.proc is None
+
+
+async def test_fields_of_the_wrong_type_are_400(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        for path in JSON_ROUTES:
+            for field in ("model", "name"):
+                answer = await client.post(path, json={field: ["a"]})
+                if path.startswith("/api/") or field == "model":
+                    assert answer.status_code == 400, (path, field, answer.text[:200])
+                    assert answer.json()["error"]["code"] in ("invalid_model",), path
+        assert running.supervisor.proc is None
+
+
+async def test_odd_message_shapes_reach_the_model_check_not_a_500(tmp_path: Path) -> None:
+    """A body that mentions swapd's progress prefix is searched for progress lines to
+    strip; ``messages`` of any JSON type must survive that search."""
+    async with swapd(tmp_path) as (running, client):
+        for messages in (5, True, "[swapd] x", {"role": "assistant"},
+                         [5, None, {"role": "assistant", "reasoning_content": 5}]):
+            answer = await client.post("/v1/chat/completions", json={
+                "messages": messages, "note": "[swapd] loading"})
+            assert answer.status_code == 400, (messages, answer.text[:200])
+            assert answer.json()["error"]["code"] == "model_required"
+        assert running.supervisor.proc is None
