@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
+from urllib.parse import quote, quote_from_bytes
 
 import attrs
 import httpx
@@ -243,7 +244,7 @@ class InferenceProxy:
                 continue
             try:
                 response = HttpxResponse(await self.fallbacks.open_response(
-                    fallback, ex.scope["path"], ex.payload))
+                    fallback, _quoted_path(ex.scope), ex.payload))
             except RecursionError:  # parsed, but too deep to encode again from here
                 await ex.fail(400, "request body is JSON nested too deeply to forward",
                               "invalid_request_error", "invalid_json")
@@ -348,9 +349,27 @@ def forwardable(headers: Iterable[tuple[bytes, bytes]],
     return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() not in named]
 
 
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+"""What stays as it is in a forwarded path (RFC 3986 pchar); the rest is %-encoded."""
+_QUERY_SAFE = bytes(range(0x21, 0x7F)).replace(b"#", b"")
+"""What stays as it is in a forwarded query: printable ASCII but '#' (existing %XX too)."""
+
+
+def _quoted_path(scope: Scope) -> str:
+    """The path swapd decided on, encoded again for a request line.
+
+    The front end hands over the path percent-decoded: forwarding it as it is would let a
+    decoded '?' or '#' move the path's end, a '%' start an escape, and a non-ASCII
+    character fail the upstream request.
+    """
+    return quote(str(scope["path"]), safe=_PATH_SAFE)
+
+
 def _target(scope: Scope) -> str:
+    """The upstream request target: nothing in it can end the request line early."""
     query = scope.get("query_string")
-    return str(scope["path"]) + ("?" + query.decode() if query else "")
+    return _quoted_path(scope) + ("?" + quote_from_bytes(query, safe=_QUERY_SAFE)
+                                  if query else "")
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pytest
+import trio
 
-from swapd.app import create_app
+from swapd.app import create_app, frontend_for
 from swapd.auth import load_keys
-from swapd.config import Security, parse_config
+from swapd.config import Config, Profile, Security, parse_config
 from swapd.errors import ConfigError
 from swapd.proxy import KNOWN_ROUTES
 from swapd.serve import open_server
-from tests.support.rawhttp import asgi_exchange, exchange, request_bytes
+from swapd.supervisor import Supervisor
+from swapd.upstream import ChildPool
+from tests.support.rawhttp import asgi_call, asgi_exchange, exchange, request_bytes
 from tests.test_api import chat, config_text, swapd
+from tests.test_supervisor import FakeLauncher, FakeProc, make_config
 
 
 async def test_api_and_admin_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,3 +231,71 @@ async def test_odd_message_shapes_reach_the_model_check_not_a_500(tmp_path: Path
             assert answer.status_code == 400, (messages, answer.text[:200])
             assert answer.json()["error"]["code"] == "model_required"
         assert running.supervisor.proc is None
+
+
+# --- what reaches the child's request line --------------------------------------------
+
+async def test_the_forwarded_request_line_is_re_encoded(tmp_path: Path) -> None:
+    """Whatever path and query a front end decodes, llama-server gets one well-formed
+    request line: nothing can end it early, start a header, or move a '?' or '#'."""
+    seen: list[h11.Request] = []
+
+    async def child(stream: trio.SocketStream) -> None:
+        """Answers every request on the connection; records what it was sent."""
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                seen.append(event)
+            elif isinstance(event, h11.EndOfMessage):
+                body = b'{"ok": true}'
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                    ("content-type", "application/json"),
+                    ("content-length", str(len(body)))])) or b"")
+                await stream.send_all((conn.send(h11.Data(data=body)) or b"")
+                                      + (conn.send(h11.EndOfMessage()) or b""))
+                conn.start_next_cycle()
+            elif not isinstance(event, h11.Data):
+                return
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, child, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+
+        class LoopbackLauncher(FakeLauncher):
+            def __call__(self, config: Config, profile: Profile, log: Any,
+                         extra_argv: Any = ()) -> FakeProc:
+                proc = super().__call__(config, profile, log)
+                proc.pool = ChildPool("127.0.0.1", port)  # type: ignore[attr-defined]
+                return proc
+
+        config = make_config(tmp_path)
+        supervisor = Supervisor(config, launcher=LoopbackLauncher(load_time=0))  # type: ignore[arg-type]
+        await nursery.start(supervisor.run)
+        app = create_app(frontend_for(config, supervisor))
+        # (decoded path, raw query) as an ASGI server may hand them over -> request target
+        cases = {
+            ("/v1/a?b", b""): b"/v1/a%3Fb",
+            ("/v1/a#b", b""): b"/v1/a%23b",
+            ("/v1/100%", b""): b"/v1/100%25",
+            ("/v1/caf\u00e9", b""): b"/v1/caf%C3%A9",
+            ("/v1/x", b"a=1&b=%20c"): b"/v1/x?a=1&b=%20c",
+            ("/v1/x", b"a=\xff b\r\nX-Injected: 1"): b"/v1/x?a=%FF%20b%0D%0AX-Injected:%201",
+        }
+        for (path, query), target in cases.items():
+            answer = await asgi_call(app, "POST", path, query, b'{"model": "a"}')
+            assert answer.status == 200, (path, query, answer)
+            assert seen[-1].target == target, (path, query, seen[-1].target)
+            assert b"x-injected" not in dict(seen[-1].headers)
+        # a control character or space in the path never gets that far
+        for path in ("/v1/x y", "/v1/a\x00b", "/v1/a\r\nX-Injected: 1"):
+            answer = await asgi_call(app, "POST", path, b"", b'{"model": "a"}')
+            assert (answer.status, answer.error_code()) == (400, "invalid_path"), path
+        assert len(seen) == len(cases)
+        await supervisor.shutdown()
+        nursery.cancel_scope.cancel()

@@ -92,11 +92,20 @@ async def asgi_exchange(app: Any, request: bytes) -> RawAnswer:
         name, _, value = line.partition(b":")
         headers.append((name.strip().lower(), value.strip()))
     path, _, query = raw_target.partition(b"?")  # as hypercorn/protocol/http_stream.py
+    return await asgi_call(app, method.decode("ascii"), unquote(path.decode("ascii")), query,
+                           body, headers, raw_path=path)
+
+
+async def asgi_call(app: Any, method: str, path: str, query: bytes = b"", body: bytes = b"",
+                    headers: Iterable[tuple[bytes, bytes]] = (),
+                    raw_path: bytes | None = None) -> RawAnswer:
+    """One request to the ASGI ``app`` with exactly this (decoded) path and raw query."""
     scope = {"type": "http", "http_version": "1.1", "asgi": {"spec_version": "2.1",
-             "version": "3.0"}, "method": method.decode("ascii"), "scheme": "http",
-             "path": unquote(path.decode("ascii")), "raw_path": path, "query_string": query,
-             "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 2), "state": {}, "extensions": {}}
+             "version": "3.0"}, "method": method, "scheme": "http", "path": path,
+             "raw_path": path.encode("utf-8") if raw_path is None else raw_path,
+             "query_string": query, "root_path": "", "headers": list(headers),
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {},
+             "extensions": {}}
     started: dict[str, Any] = {}
     chunks: list[bytes] = []
     answered = trio.Event()
@@ -124,6 +133,6 @@ async def asgi_exchange(app: Any, request: bytes) -> RawAnswer:
     with trio.fail_after(ANSWER_TIMEOUT):
         await app(scope, receive, send)
     if not started:
-        raise AssertionError(f"no answer to {request_line!r}")
+        raise AssertionError(f"no answer to {method} {path}")
     return RawAnswer(started["status"], {name.decode("latin-1").lower(): value.decode(
         "latin-1") for name, value in started["headers"]}, b"".join(chunks))
