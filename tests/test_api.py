@@ -403,7 +403,7 @@ async def test_fixed_port_in_use_is_refused_before_spawning(tmp_path: Path) -> N
             answer = await client.post("/v1/chat/completions", json=chat("a"))
             assert answer.status_code == 503
             message = answer.json()["error"]["message"]
-            assert f"port {port} on 127.0.0.1 is in use by pid {os.getpid()}:" in message
+            assert f"port {port} on 127.0.0.1 is in use by pid {os.getpid()} (" in message
             assert running.supervisor.proc is None
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -299,3 +303,38 @@ async def test_the_forwarded_request_line_is_re_encoded(tmp_path: Path) -> None:
         assert len(seen) == len(cases)
         await supervisor.shutdown()
         nursery.cancel_scope.cancel()
+
+
+# --- what a client learns about other processes ---------------------------------------
+
+async def test_a_port_holder_is_named_to_clients_by_pid_and_program_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process's command line can hold secrets (tokens, paths): clients get its
+    pid and program name; the whole command line goes to swapd's own log."""
+    secret = "--token=hunter2-do-not-show"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys, time\n"
+         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+         "print(s.getsockname()[1], flush=True); time.sleep(60)", secret],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        port = int(await trio.to_thread.run_sync(holder.stdout.readline))
+        config = json.loads(config_text(tmp_path))
+        config["llama_server"]["port"] = port
+        caplog.set_level(logging.WARNING, "swapd.process")
+        async with open_server(parse_config(json.dumps(config))) as running, \
+                httpx.AsyncClient(base_url=running.url, timeout=30) as client:
+            answer = await client.post("/v1/chat/completions", json=chat("a"))
+            assert answer.status_code == 503
+            message = answer.json()["error"]["message"]
+            status = (await client.get("/swapd/status")).text
+        program = Path(sys.executable).name
+        assert f"in use by pid {holder.pid} ({program})" in message
+        for shown in (message, status):
+            assert secret not in shown and "socket.socket" not in shown
+        logged = "\n".join(record.getMessage() for record in caplog.records)
+        assert f"pid {holder.pid}" in logged and secret in logged
+    finally:
+        holder.kill()
+        holder.wait()
