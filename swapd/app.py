@@ -22,7 +22,7 @@ import attrs
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import __version__
 from .auth import Keys, load_keys, path_problem
@@ -127,6 +127,7 @@ def create_app(frontend: Frontend) -> Any:
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
     _page_routes(app)
+    _inference_routes(app)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
@@ -134,9 +135,12 @@ def create_app(frontend: Frontend) -> Any:
         status = error.code or 500
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             status, "http_error")
-        return _openai_error(status, f"{error.name}: {request.method} {_shown(request.path)}",
-                             "server_error" if status >= 500 else "invalid_request_error",
-                             code)
+        response = _openai_error(
+            status, f"{error.name}: {request.method} {_shown(request.path)}",
+            "server_error" if status >= 500 else "invalid_request_error", code)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
+        return response
 
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
@@ -410,12 +414,32 @@ def _page_routes(app: QuartTrio) -> None:
         target = ui / name
         suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
         if "/" in name or name.startswith(".") or suffix not in types or not target.is_file():
-            return _json({"error": "not found"}, 404)
+            return _openai_error(404, f"Not Found: {request.method} {_shown(request.path)}",
+                                 "invalid_request_error", "not_found")
         return Response(target.read_bytes(), mimetype=types[suffix])
 
     app.route("/")(page)
     app.route("/ui/", endpoint="ui_index")(page)
     app.route("/ui/<name>", endpoint="ui_file")(page)
+
+
+def _inference_routes(app: QuartTrio) -> None:
+    """The inference proxy's paths, in the URL map so that routing knows them.
+
+    ``asgi`` hands every POST to these paths to the proxy before Quart sees it, so the
+    view never runs. The rules are here so that any other method on them is a 405 with
+    ``Allow: POST`` (not a 404), a 405 on ``/v1/models`` lists POST too, and anything
+    that walks the URL map (the key tests) finds the inference routes as well.
+    """
+
+    async def inference(rest: str = "") -> Response:
+        # Unreachable: only a POST routes here, and asgi() sends those to the proxy.
+        return _openai_error(404, f"Not Found: {request.method} {_shown(request.path)}",
+                             "invalid_request_error", "not_found")
+
+    app.add_url_rule("/v1/<path:rest>", "inference", inference, methods=["POST"])
+    for path in sorted(NATIVE_POSTS):
+        app.add_url_rule(path, f"inference {path}", inference, methods=["POST"])
 
 
 def _operations_routes(app: QuartTrio, fe: Frontend) -> None:

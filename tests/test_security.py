@@ -20,7 +20,7 @@ from swapd.app import create_app, frontend_for
 from swapd.auth import load_keys
 from swapd.config import Config, Profile, Security, parse_config
 from swapd.errors import ConfigError
-from swapd.proxy import KNOWN_ROUTES
+from swapd.proxy import KNOWN_ROUTES, NATIVE_POSTS
 from swapd.serve import open_server
 from swapd.supervisor import Supervisor
 from swapd.upstream import ChildPool
@@ -338,3 +338,42 @@ async def test_a_port_holder_is_named_to_clients_by_pid_and_program_only(
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- unknown paths and wrong methods ----------------------------------------------------
+
+async def test_unknown_paths_are_json_404_and_wrong_methods_405_with_allow(
+        tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        app = create_app(running.frontend)
+        for path in ("/nope", "/v1beta/models", "/swapd/nope", "/api/nope", "/ui/nope.js"):
+            answer = await asgi_exchange(app, request_bytes("GET", path))
+            assert (answer.status, answer.error_code()) == (404, "not_found"), path
+            assert answer.headers["content-type"] == "application/json", path
+        # every route of the URL map, with a method it does not take
+        taken = set(routes(app))
+        for method, path in sorted(taken):
+            for wrong in ("PUT", "DELETE", "PATCH", "GET", "POST"):
+                if (wrong, path) in taken or (wrong == "POST" and (
+                        path.startswith("/v1/") or path in NATIVE_POSTS)):
+                    continue  # a route, or the inference proxy's
+                answer = await asgi_exchange(app, request_bytes(
+                    wrong, path, body=b"{}" if wrong in ("POST", "PUT", "PATCH") else b""))
+                assert (answer.status, answer.error_code()) == (
+                    405, "method_not_allowed"), (wrong, path, answer)
+                allowed = {m.strip() for m in answer.headers["allow"].split(",")}
+                assert method in allowed, (wrong, path, allowed)
+        # inference paths take POST only, under /v1/ and llama-server's own
+        for path in ("/v1/chat/completions", "/v1/anything/else", "/completion", "/infill"):
+            for wrong in ("GET", "PUT", "DELETE"):
+                answer = await client.request(wrong, path)
+                assert answer.status_code == 405, (wrong, path)
+                assert answer.json()["error"]["code"] == "method_not_allowed"
+                assert "POST" in answer.headers["allow"].split(", "), (wrong, path)
+        # a discovery path under /v1/ takes GET, and POST (any POST under /v1/ is inference)
+        answer = await client.delete("/v1/models")
+        assert answer.status_code == 405
+        assert {"GET", "POST"} <= set(answer.headers["allow"].split(", "))
+        answer = await client.put("/swapd/status")
+        assert (answer.status_code, answer.headers["allow"]) == (405, "GET, HEAD, OPTIONS")
+        assert running.supervisor.proc is None
