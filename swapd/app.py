@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -52,6 +53,9 @@ OLLAMA_API_VERSION = "0.12.6"
 """The Ollama release whose API shapes the ``/api/*`` probes follow (clients check it)."""
 
 SSE_KEEPALIVE = 15.0
+
+LOG_LINES = 200
+"""Lines ``/swapd/logs`` answers without ``?lines=``."""
 
 
 @attrs.define
@@ -220,6 +224,32 @@ async def _json_body() -> dict[str, Any]:
     """
     body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
     return parse_json_object(body) if body.strip() else {}
+
+
+_MAX_DIGITS = 18
+"""Digits of a query number read as written; longer ones are beyond any real value."""
+
+
+def _int_arg(name: str, minimum: int) -> int | None:
+    """Query parameter ``name`` as an integer of at least ``minimum``; None if absent.
+
+    Junk is a 400 ``invalid_parameter``, not silently the default: ``lines=-5`` used to
+    read as "all but the first five".
+    """
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    digits = raw.removeprefix("-")
+    value: int | None = None
+    if digits.isascii() and digits.isdecimal():
+        # More digits than any count or sequence number: as good as infinite (and int()
+        # refuses strings past sys.get_int_max_str_digits).
+        value = int(raw) if len(digits) <= _MAX_DIGITS else (
+            -sys.maxsize if raw.startswith("-") else sys.maxsize)
+    if value is None or value < minimum:
+        raise RequestError(400, f"?{name}= must be a whole number of at least {minimum}, "
+                           f"not {_shown(raw)!r}", "invalid_parameter")
+    return value
 
 
 def _name_field(body: dict[str, Any], *fields: str) -> str | None:
@@ -499,7 +529,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
     @app.route("/swapd/logs")
     async def logs() -> Response:
         lines = fe.child_log.lines if fe.child_log else ()
-        count = request.args.get("lines", default=200, type=int) or 200
+        count = _int_arg("lines", minimum=1) or LOG_LINES
         return Response("\n".join(list(lines)[-count:]) + "\n", mimetype="text/plain")
 
     @app.route("/swapd/logs/stream")
@@ -528,7 +558,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
     async def events() -> Response:
         sup = fe.supervisor
 
-        since = request.args.get("since", type=int)
+        since = _int_arg("since", minimum=-1)
 
         async def stream() -> AsyncIterator[bytes]:
             # ?since=SEQ replays what a reconnecting client missed (as far as kept).

@@ -377,3 +377,31 @@ async def test_unknown_paths_are_json_404_and_wrong_methods_405_with_allow(
         answer = await client.put("/swapd/status")
         assert (answer.status_code, answer.headers["allow"]) == (405, "GET, HEAD, OPTIONS")
         assert running.supervisor.proc is None
+
+
+# --- query parameters ------------------------------------------------------------------
+
+async def test_junk_query_parameters_are_400_not_ignored_or_misread(tmp_path: Path) -> None:
+    async with swapd(tmp_path) as (running, client):
+        assert running.frontend.child_log is not None
+        running.frontend.child_log.write([f"line {i}" for i in range(10)])
+        tail = await client.get("/swapd/logs", params={"lines": "3"})
+        assert (tail.status_code, tail.text) == (200, "line 7\nline 8\nline 9\n")
+        huge = await client.get("/swapd/logs", params={"lines": "9" * 5000})
+        assert huge.status_code == 200 and huge.text.endswith("line 9\n")
+        for junk in ("-5", "0", "abc", "1e3", "", " 3", "٣", "-" + "9" * 5000):
+            answer = await client.get("/swapd/logs", params={"lines": junk})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (
+                400, "invalid_parameter"), junk
+        for junk in ("junk", "", "1.5", "-2", "٣"):
+            answer = await client.get("/swapd/events", params={"since": junk})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (
+                400, "invalid_parameter"), junk
+        for since in ("-1", "0", "9" * 5000):
+            async with client.stream("GET", "/swapd/events", params={"since": since}) as ok:
+                assert ok.status_code == 200, since
+        for name in ("\x00", "a" * 10_000, "../../etc/passwd", "%ff"):
+            for path in ("/api/show", "/props", "/v1/props"):
+                answer = await client.get(path, params={"model": name})
+                assert answer.status_code == 404, (path, name[:20])
+        assert running.supervisor.proc is None
