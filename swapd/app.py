@@ -153,6 +153,13 @@ def create_app(frontend: Frontend) -> Any:
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # No route is a WebSocket. Refused here, not by Quart: its answer to one
+            # would run the JSON error handler outside a request context (a 500), and
+            # this refusal needs no key check to keep every route behind its key.
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # hypercorn sends 403
+            return
         if scope["type"] != "http":
             await quart(scope, receive, send)
             return

@@ -112,10 +112,14 @@ def targets(draw: st.DrawFn, known: list[str]) -> str:
 
 
 HEADER_NAMES = ["content-type", "authorization", "x-api-key", "accept", "accept-encoding",
-                "te", "upgrade", "keep-alive", "proxy-authorization", "x-forwarded-for",
-                "user-agent", "cookie", "x-junk"]
-HEADER_VALUE = st.text(alphabet=string.ascii_letters + string.digits + string.punctuation
-                       + " ", max_size=40).map(str.strip)
+                "te", "upgrade", "connection", "keep-alive", "proxy-authorization",
+                "x-forwarded-for", "user-agent", "cookie", "sec-websocket-key",
+                "sec-websocket-version", "x-junk"]
+HEADER_VALUE = st.sampled_from([
+    "upgrade", "websocket", "13", "dGhlIHNhbXBsZSBub25jZQ==", "keep-alive, x-api-key",
+    "application/json", "Bearer", "Bearer x", "gzip", "trailers",
+]) | st.text(alphabet=string.ascii_letters + string.digits + string.punctuation + " ",
+             max_size=40).map(str.strip)
 METHODS = st.sampled_from(["GET", "POST", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
                            "HEAD"]) | st.text(alphabet=string.ascii_uppercase, min_size=1,
                                               max_size=8)

@@ -405,3 +405,24 @@ async def test_junk_query_parameters_are_400_not_ignored_or_misread(tmp_path: Pa
                 answer = await client.get(path, params={"model": name})
                 assert answer.status_code == 404, (path, name[:20])
         assert running.supervisor.proc is None
+
+
+async def test_websocket_upgrades_are_refused_on_every_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """swapd serves no WebSocket: an upgrade is refused before routing and before the
+    key check, whoever asks (it was a 500 from the JSON error handler, open to all)."""
+    monkeypatch.setenv("SWAPD_TEST_API_KEY", API_KEY)
+    async with swapd(tmp_path, security={"api_key_env": "SWAPD_TEST_API_KEY"}) as (
+            running, _client):
+        port = int(running.url.rsplit(":", 1)[1])
+        for path in ("/v1/models", "/swapd/status", "/swapd/events", "//swapd/status",
+                     "/health", "/nope", "/v1/chat/completions"):
+            for key in (None, API_KEY):
+                headers = [("upgrade", "websocket"), ("sec-websocket-version", "13"),
+                           ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]
+                if key:
+                    headers.append(("x-api-key", key))
+                request = request_bytes("GET", path, headers).replace(
+                    b"connection: close", b"connection: upgrade")
+                answer = await exchange(port, request)
+                assert answer.status == 403, (path, key, answer)
