@@ -469,12 +469,12 @@ def _inference_routes(app: QuartTrio) -> None:
     that walks the URL map (the key tests) finds the inference routes as well.
     """
 
-    async def inference(rest: str = "") -> Response:
+    async def inference(anything: str = "") -> Response:
         # Unreachable: only a POST routes here, and asgi() sends those to the proxy.
         return _openai_error(404, f"Not Found: {request.method} {_shown(request.path)}",
                              "invalid_request_error", "not_found")
 
-    app.add_url_rule("/v1/<path:rest>", "inference", inference, methods=["POST"])
+    app.add_url_rule("/v1/<path:anything>", "inference", inference, methods=["POST"])
     for path in sorted(NATIVE_POSTS):
         app.add_url_rule(path, f"inference {path}", inference, methods=["POST"])
 
