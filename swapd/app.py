@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,10 +23,10 @@ import attrs
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import __version__
-from .auth import Keys, load_keys
+from .auth import Keys, load_keys, path_problem
 from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile, load_config
 from .errors import ConfigError, LeaseError
@@ -37,9 +38,11 @@ from .proxy import (
     InferenceProxy,
     Message,
     Receive,
+    RequestError,
     Scope,
     Send,
     error_body,
+    parse_json_object,
     send_error,
 )
 from .supervisor import Supervisor
@@ -50,6 +53,9 @@ OLLAMA_API_VERSION = "0.12.6"
 """The Ollama release whose API shapes the ``/api/*`` probes follow (clients check it)."""
 
 SSE_KEEPALIVE = 15.0
+
+LOG_LINES = 200
+"""Lines ``/swapd/logs`` answers without ``?lines=``."""
 
 
 @attrs.define
@@ -125,22 +131,44 @@ def create_app(frontend: Frontend) -> Any:
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
     _page_routes(app)
+    _inference_routes(app)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         """Quart's own 404/405/413 as OpenAI-shaped JSON, like every other error here."""
+        status = error.code or 500
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-            error.code or 500, "http_error")
-        return _openai_error(error.code or 500, f"{error.name}: {request.method} "
-                             f"{request.path}", "invalid_request_error", code)
+            status, "http_error")
+        response = _openai_error(
+            status, f"{error.name}: {request.method} {_shown(request.path)}",
+            "server_error" if status >= 500 else "invalid_request_error", code)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
+        return response
+
+    @app.errorhandler(RequestError)
+    async def request_error(error: RequestError) -> Response:
+        return _openai_error(error.status, str(error), "invalid_request_error", error.code)
     proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
     quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # No route is a WebSocket. Refused here, not by Quart: its answer to one
+            # would run the JSON error handler outside a request context (a 500), and
+            # this refusal needs no key check to keep every route behind its key.
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # hypercorn sends 403
+            return
         if scope["type"] != "http":
             await quart(scope, receive, send)
             return
         send = _shield_last_send(send)
+        # Refused before the key check and before routing: both then see one path.
+        problem = path_problem(scope["path"])
+        if problem is not None:
+            await send_error(send, 400, problem, "invalid_request_error", "invalid_path")
+            return
         if not frontend.keys.allows(scope["path"], scope["headers"]):
             await send_error(send, 401, "missing or invalid API key: send it as "
                              "'Authorization: Bearer KEY' or 'x-api-key: KEY'",
@@ -185,6 +213,62 @@ def _json(obj: Any, status: int = 200) -> Response:
 def _openai_error(status: int, message: str, type_: str, code: str) -> Response:
     return Response(error_body(message, type_, code), status=status,
                     mimetype="application/json")
+
+
+_SHOWN = 200
+"""Characters of a client's path or name quoted back in an error message."""
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+async def _json_body() -> dict[str, Any]:
+    """The request's body as a JSON object, ``{}`` when there is none.
+
+    Anything else is a ``RequestError`` (400 ``invalid_json``): a body that is not JSON,
+    is not an object, or nests too deeply to read.
+    """
+    body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+    return parse_json_object(body) if body.strip() else {}
+
+
+_MAX_DIGITS = 18
+"""Digits of a query number read as written; longer ones are beyond any real value."""
+
+
+def _int_arg(name: str, minimum: int) -> int | None:
+    """Query parameter ``name`` as an integer of at least ``minimum``; None if absent.
+
+    Junk is a 400 ``invalid_parameter``, not silently the default: ``lines=-5`` used to
+    read as "all but the first five".
+    """
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    digits = raw.removeprefix("-")
+    value: int | None = None
+    if digits.isascii() and digits.isdecimal():
+        # More digits than any count or sequence number: as good as infinite (and int()
+        # refuses strings past sys.get_int_max_str_digits).
+        value = int(raw) if len(digits) <= _MAX_DIGITS else (
+            -sys.maxsize if raw.startswith("-") else sys.maxsize)
+    if value is None or value < minimum:
+        raise RequestError(400, f"?{name}= must be a whole number of at least {minimum}, "
+                           f"not {_shown(raw)!r}", "invalid_parameter")
+    return value
+
+
+def _name_field(body: dict[str, Any], *fields: str) -> str | None:
+    """The first of ``fields`` that ``body`` sets; a 400 when it is not a string."""
+    for field in fields:
+        value = body.get(field)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise RequestError(400, f"'{field}' must be a string", "invalid_model")
+        return value
+    return None
 
 
 def _iso(timestamp: float) -> str:
@@ -256,8 +340,7 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
     @app.route("/api/show", methods=["GET", "POST"])
     async def ollama_show() -> Response:
         if request.method == "POST":
-            body = await request.get_json(force=True, silent=True) or {}
-            name = body.get("model") or body.get("name") or ""
+            name = _name_field(await _json_body(), "model", "name") or ""
         else:
             name = request.args.get("model") or request.args.get("name") or ""
         entry = fe.entry(str(name))
@@ -368,12 +451,32 @@ def _page_routes(app: QuartTrio) -> None:
         target = ui / name
         suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
         if "/" in name or name.startswith(".") or suffix not in types or not target.is_file():
-            return _json({"error": "not found"}, 404)
+            return _openai_error(404, f"Not Found: {request.method} {_shown(request.path)}",
+                                 "invalid_request_error", "not_found")
         return Response(target.read_bytes(), mimetype=types[suffix])
 
     app.route("/")(page)
     app.route("/ui/", endpoint="ui_index")(page)
     app.route("/ui/<name>", endpoint="ui_file")(page)
+
+
+def _inference_routes(app: QuartTrio) -> None:
+    """The inference proxy's paths, in the URL map so that routing knows them.
+
+    ``asgi`` hands every POST to these paths to the proxy before Quart sees it, so the
+    view never runs. The rules are here so that any other method on them is a 405 with
+    ``Allow: POST`` (not a 404), a 405 on ``/v1/models`` lists POST too, and anything
+    that walks the URL map (the key tests) finds the inference routes as well.
+    """
+
+    async def inference(anything: str = "") -> Response:
+        # Unreachable: only a POST routes here, and asgi() sends those to the proxy.
+        return _openai_error(404, f"Not Found: {request.method} {_shown(request.path)}",
+                             "invalid_request_error", "not_found")
+
+    app.add_url_rule("/v1/<path:anything>", "inference", inference, methods=["POST"])
+    for path in sorted(NATIVE_POSTS):
+        app.add_url_rule(path, f"inference {path}", inference, methods=["POST"])
 
 
 def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
@@ -395,9 +498,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
 
     @app.route("/swapd/load", methods=["POST"])
     async def load() -> Response:
-        body = await request.get_json(force=True, silent=True) or {}
-        name = body.get("model") or request.args.get("model")
-        if not isinstance(name, str) or not name:
+        name = _name_field(await _json_body(), "model") or request.args.get("model")
+        if not name:
             return _openai_error(400, "name the profile to load: {\"model\": \"NAME\"}",
                                  "invalid_request_error", "model_required")
         timeouts = fe.config.timeouts
@@ -434,7 +536,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
     @app.route("/swapd/logs")
     async def logs() -> Response:
         lines = fe.child_log.lines if fe.child_log else ()
-        count = request.args.get("lines", default=200, type=int) or 200
+        count = _int_arg("lines", minimum=1) or LOG_LINES
         return Response("\n".join(list(lines)[-count:]) + "\n", mimetype="text/plain")
 
     @app.route("/swapd/logs/stream")
@@ -463,7 +565,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
     async def events() -> Response:
         sup = fe.supervisor
 
-        since = request.args.get("since", type=int)
+        since = _int_arg("since", minimum=-1)
 
         async def stream() -> AsyncIterator[bytes]:
             # ?since=SEQ replays what a reconnecting client missed (as far as kept).

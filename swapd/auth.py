@@ -10,6 +10,13 @@ sends one as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
   files (``/``, ``/ui/...``: they hold no data; the page sends the key with its calls).
 * ``security.admin_key_*``: required on ``/swapd/*`` and ``/metrics``; when only API
   keys are set, those endpoints take an API key like any other.
+
+Which key a request needs is decided on its path, so that path must be the one the
+router dispatches on. Werkzeug's router merges slashes (``//swapd/status`` is
+``/swapd/status`` to it) and Quart routes an absolute-form target
+(``GET http://host/swapd/status``) by its path part. ``path_problem`` refuses every path
+that any layer could read differently, before the key check and before routing, so the
+key check and the router always see the same canonical path.
 """
 
 from __future__ import annotations
@@ -26,6 +33,30 @@ from .errors import ConfigError
 
 OPEN_PATHS = frozenset({"/health", "/"})
 ADMIN_PREFIXES = ("/swapd/", "/metrics")
+
+_MAX_SHOWN = 200
+"""Characters of a refused path quoted back in the error message."""
+
+
+def path_problem(path: str) -> str | None:
+    """Why swapd refuses to route ``path`` (already percent-decoded), or None.
+
+    Refused: a path that is not absolute (an absolute-form target, ``*``), an empty
+    segment (``//``), a ``.`` or ``..`` segment, and characters no route has and that
+    could end a request line upstream (controls, whitespace). Every route swapd serves
+    has a spelling that passes, so a refusal never hides a route from a correct client.
+    """
+    shown = path if len(path) <= _MAX_SHOWN else path[:_MAX_SHOWN] + "..."
+    if not path.startswith("/"):
+        return f"the request target {shown!r} is not a path; send an absolute path (/v1/...)"
+    if "//" in path:
+        return f"the path {shown!r} has an empty segment ('//'); remove the extra slash"
+    if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
+        return f"the path {shown!r} has a '.' or '..' segment; send the resolved path"
+    if " " in path or not path.isprintable():
+        return (f"the path {shown!r} holds a space or a control character; "
+                "no swapd route has one")
+    return None
 
 
 @attrs.frozen

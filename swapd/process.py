@@ -45,6 +45,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import httpx
 import trio
 
@@ -195,8 +196,24 @@ def port_in_use(host: str, port: int) -> bool:
         return False
 
 
-def port_holder(port: int) -> str | None:
-    """Which process listens on ``port`` (``pid 123: llama-server ...``), if /proc says."""
+@attrs.frozen
+class PortHolder:
+    """A process listening on a port swapd needs."""
+
+    pid: int
+    argv: tuple[str, ...]
+
+    @property
+    def program(self) -> str:
+        return os.path.basename(self.argv[0]) if self.argv and self.argv[0] else "?"
+
+    def __str__(self) -> str:
+        """Its pid and program name only: its command line may hold secrets."""
+        return f"pid {self.pid} ({self.program})"
+
+
+def port_holder(port: int) -> PortHolder | None:
+    """Which process listens on ``port``, if /proc says."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -213,8 +230,9 @@ def port_holder(port: int) -> str | None:
             continue
         try:
             if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-                return f"pid {proc.name}: {' '.join(a.decode(errors='replace') for a in argv)}"
+                argv = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+                return PortHolder(int(proc.name),
+                                  tuple(a.decode(errors="replace") for a in argv))
         except OSError:
             continue
     return None
@@ -696,8 +714,11 @@ def launch(config: Config, profile: Profile, log_sink: ChildLog | None,
         port = free_port(host)
     elif port_in_use(host, port):
         holder = port_holder(port)
+        if holder is not None:  # the whole command line for the operator, not for clients
+            log.warning("port %d on %s is held by pid %d: %s", port, host, holder.pid,
+                        " ".join(holder.argv))
         raise StartFailed(profile.name, f"port {port} on {host} is in use by "
-                          f"{holder.strip() if holder else 'another process'} "
+                          f"{holder or 'another process'} "
                           "(llama_server.port); stop it or use port: auto")
     return spawn(profile.name, [*build_argv(config, profile, port), *extra_argv],
                  host=host, port=port,

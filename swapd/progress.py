@@ -93,7 +93,10 @@ def describe(status: dict[str, Any], profile: str) -> str:
 def strip_progress(payload: dict[str, Any]) -> bool:
     """Remove swapd's progress lines from assistant messages sent back; True if changed."""
     changed = False
-    for message in payload.get("messages") or ():
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return False  # not a chat body: nothing of swapd's to strip
+    for message in messages:
         if not isinstance(message, dict) or message.get("role") != "assistant":
             continue
         for key in ("reasoning_content", "reasoning"):

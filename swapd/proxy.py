@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
+from urllib.parse import quote, quote_from_bytes
 
 import attrs
 import httpx
@@ -114,11 +115,11 @@ class InferenceProxy:
             if body is None:
                 return  # the client left before it finished sending
             payload = _parse(body)
+            if progress.may_carry_progress(body) and progress.strip_progress(payload):
+                body = encode_json(payload)
         except RequestError as error:
             await ex.fail(error.status, str(error), "invalid_request_error", error.code)
             return
-        if progress.may_carry_progress(body) and progress.strip_progress(payload):
-            body = json.dumps(payload).encode()
         ex.body, ex.payload, ex.stream = body, payload, payload.get("stream") is True
         name = payload.get("model")
         ex.label = self.metrics.model_label(name)
@@ -243,7 +244,11 @@ class InferenceProxy:
                 continue
             try:
                 response = HttpxResponse(await self.fallbacks.open_response(
-                    fallback, ex.scope["path"], ex.payload))
+                    fallback, _quoted_path(ex.scope), ex.payload))
+            except RecursionError:  # parsed, but too deep to encode again from here
+                await ex.fail(400, "request body is JSON nested too deeply to forward",
+                              "invalid_request_error", "invalid_json")
+                return
             except httpx.HTTPError as error:
                 problem = f"{type(error).__name__}: {error}"
                 self.fallbacks.mark_down(fallback, problem)
@@ -344,19 +349,65 @@ def forwardable(headers: Iterable[tuple[bytes, bytes]],
     return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() not in named]
 
 
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+"""What stays as it is in a forwarded path (RFC 3986 pchar); the rest is %-encoded."""
+_QUERY_SAFE = bytes(range(0x21, 0x7F)).replace(b"#", b"")
+"""What stays as it is in a forwarded query: printable ASCII but '#' (existing %XX too)."""
+
+
+def _quoted_path(scope: Scope) -> str:
+    """The path swapd decided on, encoded again for a request line.
+
+    The front end hands over the path percent-decoded: forwarding it as it is would let a
+    decoded '?' or '#' move the path's end, a '%' start an escape, and a non-ASCII
+    character fail the upstream request.
+    """
+    return quote(str(scope["path"]), safe=_PATH_SAFE)
+
+
 def _target(scope: Scope) -> str:
+    """The upstream request target: nothing in it can end the request line early."""
     query = scope.get("query_string")
-    return str(scope["path"]) + ("?" + query.decode() if query else "")
+    return _quoted_path(scope) + ("?" + quote_from_bytes(query, safe=_QUERY_SAFE)
+                                  if query else "")
 
 
-def _parse(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """``body`` as a JSON object; a 400 ``invalid_json`` for anything else.
+
+    JSON nested deeper than Python's recursion limit raises RecursionError, not
+    ValueError: that too is the client's malformed body, not swapd's failure.
+    """
     try:
         payload = json.loads(body)
     except ValueError as error:
         raise RequestError(400, f"request body is not valid JSON: {error}",
                            "invalid_json") from None
+    except RecursionError:
+        raise RequestError(400, "request body is JSON nested too deeply to read",
+                           "invalid_json") from None
     if not isinstance(payload, dict):
-        raise RequestError(400, "request body must be a JSON object", "invalid_json")
+        raise RequestError(400, "request body must be a JSON object, not "
+                           f"{_json_kind(payload)}", "invalid_json")
+    return payload
+
+
+def encode_json(payload: dict[str, Any]) -> bytes:
+    """``payload`` as JSON again; a 400 if it nests too deeply to write from here."""
+    try:
+        return json.dumps(payload).encode()
+    except RecursionError:
+        raise RequestError(400, "request body is JSON nested too deeply to forward",
+                           "invalid_json") from None
+
+
+def _json_kind(value: object) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    payload = parse_json_object(body)
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", "invalid_model")
