@@ -108,7 +108,10 @@ class ProfileHealth:
     """Consecutive failures of one profile, its restart backoff and its circuit.
 
     Per profile, not global: a profile with a bad flag or a context too big for the GPU
-    must not stop the healthy ones from loading.
+    must not stop the healthy ones from loading. A successful start closes an open
+    circuit but does not forget the failures: only a run of ``restart.stable_after``
+    does, so a child that loads and then crashes on its first request keeps counting
+    and opens the circuit (instead of a reload and a 502 per request, forever).
     """
 
     failures: int = 0
@@ -541,8 +544,9 @@ class Supervisor:
         self._transition(State.READY)
         self._idle_since = trio.current_time()
         self._record_load(profile.name, "ok")
-        health = self.health.pop(profile.name, None)
+        health = self.health.get(profile.name)
         if health is not None and health.opened_at is not None:
+            health.opened_at = None  # the trial worked; its failures stay until stable
             self._publish("circuit_closed", profile=profile.name)
         self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
 
@@ -586,6 +590,7 @@ class Supervisor:
     def _on_exited(self, proc: process.LlamaProcess) -> None:
         if proc is not self.proc or self.state is not State.READY:
             return  # a stop or a failed start we already account for
+        self._forget_if_stable()  # a crash after a long run starts a new count
         error = ModelCrashed(proc.name, proc.exit_code, list(proc.tail)[-15:],
                              process.describe_exit(proc.exit_code))
         log.error("%s; last output:\n%s", error, "\n".join(error.stderr_tail))
@@ -663,8 +668,9 @@ class Supervisor:
         return min(heads, key=lambda w: w.enqueued) if heads else None
 
     def _next_deadline(self) -> float:
-        """When the loop must wake without a message: starvation, drain, TTL, backoff."""
-        deadlines = [math.inf]
+        """When the loop must wake without a message: starvation, drain, TTL, backoff,
+        and the end of a ready model's probation (``restart.stable_after``)."""
+        deadlines = [self._stable_at()]
         if self.state in (State.IDLE, State.FAILED):
             oldest = self._oldest_waiter()
             if oldest is not None:
@@ -685,6 +691,7 @@ class Supervisor:
         now = trio.current_time()
         if self.state is not State.READY or self.active is None:
             return
+        self._forget_if_stable()
         if self._draining_since is not None:
             if self._leases and now >= self._draining_since + self.config.timeouts.drain:
                 log.warning("drain of %s took longer than %gs; cutting %d request(s)",
@@ -718,6 +725,20 @@ class Supervisor:
                       name, health.failures, restart.cooldown)
             self._publish("circuit_open", profile=name, failures=health.failures,
                           cooldown=restart.cooldown)
+
+    def _stable_at(self) -> float:
+        """When the ready model's failures are forgotten (inf: none to forget)."""
+        if (self.state is not State.READY or self.active is None or self.proc is None
+                or self.proc.ready_at is None or self.active.name not in self.health):
+            return math.inf
+        return self.proc.ready_at + self.config.restart.stable_after
+
+    def _forget_if_stable(self) -> None:
+        """The ready model has stayed up ``restart.stable_after``: its failures are over."""
+        if self.active is not None and trio.current_time() >= self._stable_at():
+            del self.health[self.active.name]
+            log.info("%s has been up %gs; its earlier failures are forgotten",
+                     self.active.name, self.config.restart.stable_after)
 
     def _retry_at(self, name: str) -> float:
         health = self.health.get(name)

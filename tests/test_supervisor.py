@@ -441,6 +441,8 @@ profiles:
         assert sup.circuits()["b"]["state"] == "half_open"
         del launcher.failing["b"]
         await use(sup, "b")  # the half-open trial succeeds and closes the circuit
+        assert sup.circuits()["b"]["state"] == "closed"
+        await trio.sleep(60)  # restart.stable_after: up that long, its failures are over
         assert "b" not in sup.circuits()
         assert [e.kind for e in sup.events if e.kind.startswith("circuit")] == [
             "circuit_open", "circuit_closed"]
@@ -599,3 +601,62 @@ async def test_nothing_waits_on_a_supervisor_that_has_stopped(tmp_path: Path,
     with pytest.raises(ShuttingDown):
         await sup.reload(make_config(tmp_path))  # after: the channel is closed
     assert await sup.unload() is True
+
+
+async def crash_on_first_request(sup: Supervisor, name: str) -> None:
+    """One request that the child crashes on, as ``--fake-crash-after 1`` does."""
+    lease = await sup.acquire(name)
+    lease.proc.exit(3)  # type: ignore[attr-defined]
+    with lease.scope:
+        await trio.sleep_forever()  # revoked: the supervisor saw the crash
+    await sup.release(lease)
+
+
+def crash_config(tmp_path: Path, restart: str) -> Config:
+    return parse_config(f"state_dir: {tmp_path}\nrestart: {restart}\n"
+                        "profiles: {a: {model: a.gguf}, b: {model: b.gguf}}\n",
+                        base_dir=tmp_path)
+
+
+async def test_a_child_that_crashes_on_its_first_request_opens_the_circuit(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    config = crash_config(tmp_path, "{max_failures: 3, cooldown: 60s, stable_after: 60s}")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        for _ in range(3):  # each start succeeds; each child dies on its first request
+            await crash_on_first_request(sup, "a")
+        with pytest.raises(CircuitOpen, match="failed 3 times in a row"):
+            await sup.acquire("a")
+        assert len(launcher.launched) == 3
+        assert sup.circuits()["a"]["state"] == "open"
+        await trio.sleep(60)
+        # The half-open trial loads fine and crashes as soon as it serves: that is no
+        # recovery, so the circuit opens again at once instead of counting from zero.
+        await crash_on_first_request(sup, "a")
+        with pytest.raises(CircuitOpen, match="failed 4 times in a row"):
+            await sup.acquire("a")
+        assert len(launcher.launched) == 4
+        assert [e.kind for e in sup.events if e.kind.startswith("circuit")] == [
+            "circuit_open", "circuit_closed", "circuit_open"]
+        await sup.shutdown()
+
+
+async def test_a_stable_run_forgets_earlier_failures(tmp_path: Path,
+                                                     autojump_clock: Any) -> None:
+    config = crash_config(tmp_path, "{max_failures: 2, stable_after: 60s}")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        await crash_on_first_request(sup, "a")
+        await use(sup, "a", hold=30)  # restarted after the backoff; up 30 s: not yet stable
+        assert sup.circuits()["a"]["failures"] == 1
+        await trio.sleep(31)  # up 61 s now
+        assert "a" not in sup.circuits()
+        await crash_on_first_request(sup, "a")  # counts from zero again: 1 of 2
+        assert sup.circuits()["a"] == {"state": "closed", "failures": 1,
+                                       "last_error": "model 'a' exited with code 3 while "
+                                                     "serving"}
+        await use(sup, "a")  # and restarts after the backoff
+        assert len(launcher.launched) == 3
+        await sup.shutdown()
