@@ -428,8 +428,17 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
 
     @app.route("/swapd/unload", methods=["POST"])
     async def unload() -> Response:
-        await fe.supervisor.unload()
-        return _json({"status": "unloaded", "state": fe.supervisor.state.value})
+        sup = fe.supervisor
+        if not await sup.unload():
+            status = sup.status()
+            pid = f"pid {status['pid']}, " if status["pid"] else ""
+            running = (f"{status['active'] or 'no model'} ({pid}state {status['state']}, "
+                       f"{status['inflight']} request(s) in flight)")
+            return _openai_error(
+                504, f"the unload did not finish within {sup.unload_timeout:g}s (drain, "
+                f"cache save, stop); still running: {running}; see swapd status and "
+                "swapd logs", "timeout_error", "unload_timeout")
+        return _json({"status": "unloaded", "state": sup.state.value})
 
     @app.route("/swapd/logs")
     async def logs() -> Response:

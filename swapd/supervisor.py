@@ -55,6 +55,11 @@ from .slotcache import SLOT_TIMEOUT, SlotCache
 log = logging.getLogger(__name__)
 
 
+UNLOAD_MARGIN = 10.0
+"""Seconds an unload may take beyond its drain, cache save and stop grace (the stop's
+own SIGKILL and reap) before ``unload`` reports that it did not finish."""
+
+
 class State(enum.Enum):
     IDLE = "idle"
     STARTING = "starting"
@@ -315,10 +320,15 @@ class Supervisor:
             await self._send.send(Unload(done))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
-        timeouts = self.config.timeouts
-        with trio.move_on_after(timeouts.drain + timeouts.stop + SLOT_TIMEOUT + 10):
+        with trio.move_on_after(self.unload_timeout):
             await done.wait()
         return done.is_set()
+
+    @property
+    def unload_timeout(self) -> float:
+        """The longest an unload may take: drain, a cache save, the stop grace."""
+        timeouts = self.config.timeouts
+        return timeouts.drain + timeouts.stop + SLOT_TIMEOUT + UNLOAD_MARGIN
 
     async def reload(self, config: Config) -> dict[str, Any]:
         """Adopt a new, already validated config; returns what changed.
@@ -642,6 +652,11 @@ class Supervisor:
                 self._begin_stop()
         elif self.state in (State.IDLE, State.FAILED):
             if self._unload_requested:
+                if self.state is State.FAILED:
+                    # Unload is about the process: none runs, so the state is IDLE.
+                    # The profile's failure record (backoff, circuit) and last_error
+                    # stay: they are facts about the profile, which unload does not fix.
+                    self._transition(State.IDLE)
                 self._finish_unloads()
             if self._shutting_down:
                 return

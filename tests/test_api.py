@@ -332,6 +332,35 @@ async def test_operations_load_unload_and_status(tmp_path: Path) -> None:
         assert missing.status_code == 400
 
 
+async def test_unload_after_a_crash_leaves_the_failed_state(tmp_path: Path) -> None:
+    async with swapd(tmp_path, a_flags={"fake-crash-after": 1}) as (running, client):
+        crashed = await client.post("/v1/chat/completions", json=chat("a"))
+        assert crashed.status_code == 502
+        with trio.fail_after(10):  # the crash may be answered before it is reaped
+            while running.supervisor.state.value != "failed":
+                await trio.sleep(0.01)
+        unloaded = await client.post("/swapd/unload")
+        assert unloaded.status_code == 200
+        assert unloaded.json() == {"status": "unloaded", "state": "idle"}
+
+
+async def test_unload_that_did_not_finish_is_504_naming_what_still_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with swapd(tmp_path) as (running, client):
+        pid = (await client.post("/swapd/load", json={"model": "a"})).json()["pid"]
+
+        async def unload_in_vain() -> bool:
+            return False  # what Supervisor.unload says when its deadline passed
+
+        monkeypatch.setattr(running.supervisor, "unload", unload_in_vain)
+        answer = await client.post("/swapd/unload")
+        assert answer.status_code == 504
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == ("timeout_error", "unload_timeout")
+        assert f"still running: a (pid {pid}, state ready, 0 request(s) in flight)" in (
+            error["message"])
+
+
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/responses", "/v1/rerank"])
 async def test_any_v1_post_with_a_model_is_routed(tmp_path: Path, path: str) -> None:
     async with swapd(tmp_path) as (_running, client):

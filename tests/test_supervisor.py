@@ -660,3 +660,40 @@ async def test_a_stable_run_forgets_earlier_failures(tmp_path: Path,
         await use(sup, "a")  # and restarts after the backoff
         assert len(launcher.launched) == 3
         await sup.shutdown()
+
+
+async def test_unload_after_a_crash_goes_idle_and_keeps_the_failure_count(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await crash_on_first_request(sup, "a")
+        assert sup.state is State.FAILED
+        assert await sup.unload() is True
+        assert sup.state is State.IDLE
+        # What unload does not touch: the failure record (backoff, circuit) and the
+        # last error, which are facts about the profile, not about the process.
+        assert sup.circuits()["a"]["failures"] == 1
+        assert isinstance(sup.last_error, ModelCrashed)
+        await use(sup, "a")  # and the next request starts it as from idle
+        assert sup.state is State.READY and len(launcher.launched) == 2
+        await sup.shutdown()
+
+
+async def test_unload_that_does_not_finish_in_time_says_so(tmp_path: Path,
+                                                           autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        proc = launcher.launched[0]
+
+        async def stop_that_hangs(grace: float) -> int | None:
+            await trio.sleep(1000)  # say, a stop stuck in uninterruptible I/O
+            proc.exit(0)
+            return 0
+
+        proc.stop = stop_that_hangs  # type: ignore[method-assign]
+        assert await sup.unload() is False
+        assert sup.state is State.STOPPING
+        await sup.shutdown()
