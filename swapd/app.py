@@ -282,9 +282,11 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
     async def ollama_ps() -> Response:
         loaded = []
         sup = fe.supervisor
-        if sup.active is not None and sup.state.value == "ready":
-            entry = fe.catalog[sup.active.name]
-            ttl = sup.active.ttl if sup.active.ttl is not None else fe.config.ttl
+        active = sup.active
+        # .get: a reload may have removed the running profile (it unloads once idle).
+        entry = fe.catalog.get(active.name) if active is not None else None
+        if active is not None and entry is not None and sup.state.value == "ready":
+            ttl = active.ttl if active.ttl is not None else fe.config.ttl
             # Ollama reports a far-future time for "never unloads".
             expires = _iso(time.time() + ttl) if ttl else "2318-01-01T00:00:00+00:00"
             loaded.append({**ollama_model(entry), "expires_at": expires,

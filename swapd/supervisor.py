@@ -476,6 +476,10 @@ class Supervisor:
             if self.active is None:
                 self._answer(waiter, NoModelLoaded(list(self.config.profiles)))
                 return
+            if self.active.name not in self.config.profiles:  # removed, going away
+                self._answer(waiter, UnknownModel(self.active.name,
+                                                  self.config.model_names()))
+                return
             profile = self.active
         else:
             resolved = self.config.resolve(name)
@@ -580,6 +584,13 @@ class Supervisor:
             self.active = new.profiles[active]  # same definition: keeps serving as is
         elif active in removed and self.state is State.READY:
             self._unload_requested = True  # unloaded once its requests are done
+        elif active is not None and self.state is State.STARTING:
+            # Removed or changed while it loads: nobody may use what it would become.
+            # Stop it (once ready, if it wins the race); waiters of a changed profile
+            # stay queued and get a start of its new definition.
+            log.info("stopping the start of %s: the reload %s it", active,
+                     "removed" if active in removed else "changed")
+            self._cancel_start()
         summary = {"added": added, "removed": removed, "changed": changed,
                    "active": active, "active_kept": active is not None
                    and active not in changed and active not in removed}

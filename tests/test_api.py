@@ -420,6 +420,68 @@ async def test_reload_by_diff_keeps_the_running_model(tmp_path: Path) -> None:
         assert models == {"a", "b", "c"}  # the old config stays
 
 
+@asynccontextmanager
+async def reloadable_swapd(tmp_path: Path, **kwargs: Any) -> AsyncIterator[
+        tuple[Running, httpx.AsyncClient, Path]]:
+    path = tmp_path / "swapd.yaml"
+    path.write_text(config_text(tmp_path, **kwargs))
+    config = parse_config(path.read_text(), base_dir=tmp_path)
+    async with open_server(config, config_path=path) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=30) as client:
+        yield running, client, path
+
+
+def without_profile(path: Path, name: str) -> None:
+    config = json.loads(path.read_text())
+    del config["profiles"][name]
+    path.write_text(json.dumps(config))
+
+
+async def test_a_profile_removed_while_it_loads_is_stopped(tmp_path: Path) -> None:
+    async with reloadable_swapd(tmp_path, a_flags={"fake-load-ms": 1500}) as (
+            running, client, path), trio.open_nursery() as nursery:
+        answers: list[httpx.Response] = []
+
+        async def load_a() -> None:
+            answers.append(await client.post("/swapd/load", json={"model": "a"}))
+
+        nursery.start_soon(load_a)
+        with trio.fail_after(10):
+            while running.supervisor.proc is None and not running.supervisor.n_waiting:
+                await trio.sleep(0.01)
+        without_profile(path, "a")
+        assert (await client.post("/swapd/reload")).json()["removed"] == ["a"]
+        with trio.fail_after(10):
+            while not answers or running.supervisor.state.value != "idle":
+                await trio.sleep(0.05)
+        assert answers[0].status_code == 404  # the load it waited for: gone
+        assert running.supervisor.proc is None  # stopped, not left loaded and hidden
+        ps = await client.get("/api/ps")
+        assert ps.status_code == 200 and ps.json() == {"models": []}
+        nameless = await client.post("/v1/completions", json={"prompt": "x"})
+        assert nameless.status_code == 400  # nothing loaded serves model-less requests
+
+
+async def test_probes_survive_a_reload_that_removes_the_running_model(
+        tmp_path: Path) -> None:
+    flags = {"fake-tokens": 10000, "fake-token-delay-ms": 5}
+    async with reloadable_swapd(tmp_path, a_flags=flags) as (running, client, path), \
+            client.stream("POST", "/v1/chat/completions", json=chat("a", stream=True)) as stream:
+        chunks = stream.aiter_raw()  # kept: a dropped iterator closes the stream
+        while b"fake:a:" not in await chunks.__anext__():
+            pass  # progress, until a is ready and holds this request
+        without_profile(path, "a")
+        assert (await client.post("/swapd/reload")).status_code == 200
+        assert running.supervisor.state.value == "ready"  # until its request ends
+        for probe in ("/api/ps", "/v1/models", "/swapd/status", "/props", "/api/tags",
+                      "/api/v1/models", "/v1", "/health", "/metrics"):
+            answer = await client.get(probe)
+            assert answer.status_code == 200, (probe, answer.text)
+        assert (await client.get("/api/ps")).json() == {"models": []}
+        nameless = await client.post("/v1/completions", json={"prompt": "x"})
+        assert nameless.status_code == 404  # not served by a model that is going away
+
+
 async def test_fixed_port_in_use_is_refused_before_spawning(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

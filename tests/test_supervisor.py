@@ -697,3 +697,64 @@ async def test_unload_that_does_not_finish_in_time_says_so(tmp_path: Path,
         assert await sup.unload() is False
         assert sup.state is State.STOPPING
         await sup.shutdown()
+
+
+async def test_reload_removing_a_profile_while_it_starts_stops_it(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=5.0)
+    failed: list[Exception] = []
+
+    async def wait_for(name: str) -> None:
+        try:
+            await use(sup, name)
+        except UnknownModel as error:
+            failed.append(error)
+
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        nursery.start_soon(wait_for, "a")
+        await trio.sleep(1)
+        assert sup.state is State.STARTING
+        await sup.reload(reloaded(tmp_path, "  b: {model: b.gguf}\n"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert [type(e) for e in failed] == [UnknownModel]  # its waiter: 404, not a hang
+        await trio.sleep(10)  # well past its load time
+        assert sup.state is State.IDLE and sup.active is None and sup.proc is None
+        assert not launcher.launched[0].alive  # not left loaded, hidden from the catalog
+        with pytest.raises(NoModelLoaded):  # so nothing serves model-less requests
+            await sup.acquire(None)
+        await sup.shutdown()
+
+
+async def test_reload_changing_a_profile_while_it_starts_restarts_it_as_changed(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=5.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        async with trio.open_nursery() as clients:
+            clients.start_soon(use, sup, "a")  # waits through the reload
+            await trio.sleep(1)
+            new = reloaded(tmp_path, "  a: {model: a.gguf, flags: {ctx-size: 512}}\n")
+            await sup.reload(new)
+            lease = await sup.acquire("a")
+        assert lease.profile == new.profiles["a"]  # the new definition, not the old one
+        assert len(launcher.launched) == 2 and not launcher.launched[0].alive
+        await sup.release(lease)
+        await sup.shutdown()
+
+
+async def test_a_model_less_request_is_not_queued_for_a_removed_profile(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        lease = await sup.acquire("a")
+        await sup.reload(reloaded(tmp_path, "  b: {model: b.gguf}\n"))
+        assert sup.state is State.READY  # a still holds its request
+        with pytest.raises(UnknownModel, match="'a' is not configured"):
+            await sup.acquire(None)  # it would mean a, which is going away
+        await sup.release(lease)
+        await trio.sleep(1)
+        assert sup.state is State.IDLE
+        await use(sup, "b")  # and the supervisor is still alive to serve the rest
+        await sup.shutdown()
