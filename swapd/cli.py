@@ -45,9 +45,7 @@ from swapd.estimate import (
     parse_gpu_memory,
 )
 from swapd.flags import build_argv, parse_help_flags, unknown_flags
-
-HELP_TIMEOUT = 30.0
-"""Seconds ``llama-server --help`` may take; it may probe GPU backends before printing."""
+from swapd.preflight import HELP_TIMEOUT
 
 AUTO_PORT = "<auto>"
 

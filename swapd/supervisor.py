@@ -3,13 +3,17 @@
 A single trio task (``Supervisor.run``) owns the state machine, the child, the in-flight
 leases and the waiting queue. Everything else talks to it through one bounded memory
 channel: requests send ``Acquire``/``Release``/``Withdraw``, operators ``Unload``/
-``Shutdown``, and the supervisor's own helper tasks report ``StartDone``, ``Stopped`` and
-``Exited``. Starting and stopping run in helper tasks so the loop keeps answering (and
-queueing) while a model loads.
+``Shutdown``, and the supervisor's own helper tasks report ``Checked``, ``StartDone``,
+``Stopped`` and ``Exited``. Preflights, starts and stops run in helper tasks so the loop
+keeps answering (and queueing) while a model loads.
 
 Scheduling, in one function (``_schedule``):
 
 * a request for the ready model is granted at once;
+* a request for another model first waits for that profile's preflight (a helper task:
+  model file, flag names; see ``preflight.py``), so that nothing is drained or stopped
+  for a profile that cannot start: one that fails it is answered at once (503, its
+  circuit counts it, fallbacks may serve it) and the running model never notices;
 * while another model's requests wait, the ready model keeps taking newcomers only until
   the oldest of those has waited ``queue.starvation_bound``; then it drains (in-flight
   requests finish, bounded by ``timeouts.drain``) and is stopped;
@@ -50,6 +54,7 @@ from .errors import (
     UnknownModel,
 )
 from .estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
+from .preflight import Preflight, PreflightCheck
 from .slotcache import SLOT_TIMEOUT, SlotCache
 
 log = logging.getLogger(__name__)
@@ -165,6 +170,14 @@ class Reload:
 
 
 @attrs.frozen
+class Checked:
+    """The preflight of ``profile`` is done: None, or why it cannot start."""
+
+    profile: Profile
+    problem: str | None
+
+
+@attrs.frozen
 class StartDone:
     profile: Profile
     proc: process.LlamaProcess | None
@@ -192,8 +205,8 @@ Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
                     process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
-Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | StartDone | Phase
-           | Stopped | Exited)
+Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | Checked | StartDone
+           | Phase | Stopped | Exited)
 
 
 @attrs.frozen
@@ -211,9 +224,11 @@ class Supervisor:
 
     def __init__(self, config: Config, *, child_log: process.ChildLog | None = None,
                  launcher: Launcher = process.launch,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 preflight: PreflightCheck | None = None) -> None:
         self.config = config
         self._launch = launcher
+        self._preflight = preflight or Preflight()
         self.child_log = child_log
         self.state = State.IDLE
         self.active: Profile | None = None
@@ -237,6 +252,8 @@ class Supervisor:
             max(64, 4 * config.queue.max_waiting))
         self._leases: set[Lease] = set()
         self._waiting: dict[str, deque[Waiter]] = {}
+        self._checking: set[str] = set()  # profiles whose preflight runs now
+        self._cleared: dict[str, Profile] = {}  # passed it; the next start consumes it
         self._draining_since: float | None = None
         self._idle_since = 0.0
         self._start_began: float | None = None
@@ -419,6 +436,8 @@ class Supervisor:
                     self._handle(await self._receive.receive())
                 self._on_timers()
                 self._schedule()
+                if not self._shutting_down:
+                    self._launch_checks()  # for whoever still waits after this step
             # Answer what is still queued, so nobody waits on a loop that is gone; a
             # later send finds the channel closed and reads that as ShuttingDown too.
             while True:
@@ -450,6 +469,8 @@ class Supervisor:
                 self._fail_all_waiters(ShuttingDown())
             case Reload(config, reply):
                 reply.send_nowait(self._on_reload(config))
+            case Checked(profile, problem):
+                self._on_checked(profile, problem)
             case StartDone(profile, proc, error):
                 self.phase = None
                 self._on_start_done(profile, proc, error)
@@ -536,18 +557,9 @@ class Supervisor:
         if error is not None or proc is None:
             assert error is not None
             self.proc = None
-            self.last_error, self.last_error_at = error, self._wall()
-            self.stats["starts_failed"] += 1
             self._transition(State.FAILED)
-            log.error("%s", error)
-            self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
-                          message=str(error).splitlines()[0])
-            self._record_failure(profile.name, str(error).splitlines()[0])
+            self._start_failed(profile, error)
             self._record_load(profile.name, "failed")
-            # Everyone waiting for this profile hears why; others keep waiting.
-            failure = LocalFailed(error)
-            for waiter in self._waiting.pop(profile.name, deque()):
-                self._answer(waiter, failure)
             self.active = None
             return
         assert proc.ready_at is not None
@@ -563,6 +575,50 @@ class Supervisor:
             health.opened_at = None  # the trial worked; its failures stay until stable
             self._publish("circuit_closed", profile=profile.name)
         self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
+
+    def _start_failed(self, profile: Profile, error: StartError) -> None:
+        """A start failed, or its preflight refused it: count it, tell its waiters."""
+        self.last_error, self.last_error_at = error, self._wall()
+        self.stats["starts_failed"] += 1
+        log.error("%s", error)
+        self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
+                      message=str(error).splitlines()[0])
+        self._record_failure(profile.name, str(error).splitlines()[0])
+        # Everyone waiting for this profile hears why; others keep waiting.
+        failure = LocalFailed(error)
+        for waiter in self._waiting.pop(profile.name, deque()):
+            self._answer(waiter, failure)
+
+    def _on_checked(self, profile: Profile, problem: str | None) -> None:
+        self._checking.discard(profile.name)
+        if self._shutting_down or self.config.profiles.get(profile.name) != profile:
+            return  # a reload changed it meanwhile: the new definition gets its own check
+        if problem is None:
+            self._cleared[profile.name] = profile
+            return
+        # Refused before anything was drained or stopped for it: the running model
+        # never noticed; the state machine has nothing to do.
+        self._start_failed(profile, StartFailed(profile.name, problem))
+
+    def _launch_checks(self) -> None:
+        """While a model is ready, check each other profile with waiters before it may
+        be drained for them (with nothing running, the start itself checks first)."""
+        assert self._nursery is not None
+        for name in [n for n in self._cleared if not self._waiting.get(n)]:
+            del self._cleared[name]  # nobody waits: by the next request it may be stale
+        if self.state is not State.READY or self.active is None:
+            return
+        for name, queue in self._waiting.items():
+            profile = self.config.profiles.get(name)
+            if (not queue or profile is None or name in self._checking
+                    or name == self.active.name or self._cleared.get(name) == profile):
+                continue
+            self._checking.add(name)
+            self._nursery.start_soon(self._run_check, profile)
+
+    def _cleared_for_start(self, name: str) -> bool:
+        profile = self._cleared.get(name)
+        return profile is not None and profile == self.config.profiles.get(name)
 
     def _on_reload(self, new: Config) -> dict[str, Any]:
         old = self.config
@@ -655,7 +711,8 @@ class Supervisor:
                     self._publish("draining", profile=self.active.name,
                                   inflight=len(self._leases))
             wants_other = self._unload_requested or self._shutting_down or any(
-                q for name, q in self._waiting.items() if name != self.active.name)
+                q for name, q in self._waiting.items()
+                if name != self.active.name and self._cleared_for_start(name))
             if self._draining_since is not None and not self._leases:
                 self._begin_stop()
             elif wants_other and not self._leases and self._draining_since is None:
@@ -687,7 +744,8 @@ class Supervisor:
         bound = self.config.queue.starvation_bound
         now = trio.current_time()
         return any(q and now - q[0].enqueued >= bound
-                   for name, q in self._waiting.items() if name != self.active.name)
+                   for name, q in self._waiting.items()
+                   if name != self.active.name and self._cleared_for_start(name))
 
     def _oldest_waiter(self) -> Waiter | None:
         heads = [q[0] for q in self._waiting.values() if q]
@@ -705,7 +763,8 @@ class Supervisor:
             if self._draining_since is None:
                 bound = self.config.queue.starvation_bound
                 deadlines += [q[0].enqueued + bound for name, q in self._waiting.items()
-                              if q and name != self.active.name]
+                              if q and name != self.active.name
+                              and self._cleared_for_start(name)]
                 ttl = self._ttl(self.active)
                 if ttl and not self._leases and not self.n_waiting:
                     deadlines.append(self._idle_since + ttl)
@@ -835,6 +894,7 @@ class Supervisor:
             now = trio.current_time()
             self._swap = {"from": None, "began": now, "stopped": now}
         self.active = profile
+        self._cleared.pop(profile.name, None)  # each start is checked afresh
         self._draining_since = None
         self._start_began = trio.current_time()
         self._transition(State.STARTING)
@@ -888,6 +948,9 @@ class Supervisor:
         try:
             with scope:
                 try:
+                    problem = await self._check(profile)
+                    if problem is not None:  # cheap if it ran before the drain: cached
+                        raise StartFailed(profile.name, problem)
                     await self._check_fits(profile)
                     proc = self._launch(self.config, profile, self.child_log,
                                         self.slots.argv(profile))
@@ -912,6 +975,17 @@ class Supervisor:
             if not handed_over and proc is not None and proc.alive:
                 with trio.CancelScope(shield=True):  # bounded by stop()'s own grace
                     await proc.stop(timeouts.stop)
+
+    async def _run_check(self, profile: Profile) -> None:
+        await self._post_shielded(Checked(profile, await self._check(profile)))
+
+    async def _check(self, profile: Profile) -> str | None:
+        """The preflight's verdict on ``profile`` (see ``preflight.py``)."""
+        try:
+            return await self._preflight(self.config, profile)
+        except Exception:  # a bug in a check must not take swapd down: start unchecked
+            log.exception("the preflight of %s failed; starting it unchecked", profile.name)
+            return None
 
     async def _check_fits(self, profile: Profile) -> None:
         """memory.guard: refuse a start whose estimate exceeds the GPU, with a fix."""

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import ollama
 import openai
@@ -28,11 +29,15 @@ from swapd.config import parse_config
 from swapd.progress import PREFIX
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.tiny_gguf import write_header_only
 
 
 def config_text(tmp_path: Path, *, queue: dict[str, Any] | None = None,
                 timeouts: dict[str, Any] | None = None, a_flags: dict[str, Any] | None = None,
                 b_flags: dict[str, Any] | None = None, **extra: Any) -> str:
+    """Profiles ``a`` and ``b`` on the fake llama-server, with their (header-only) model
+    files written in ``tmp_path``: swapd checks a model file before it starts it."""
+    write_header_only(tmp_path / "a.gguf", tmp_path / "b.gguf")
     config = {
         "listen": "127.0.0.1:0",
         "state_dir": str(tmp_path / "state"),
@@ -41,9 +46,10 @@ def config_text(tmp_path: Path, *, queue: dict[str, Any] | None = None,
         "queue": {"max_waiting": 10, **(queue or {})},
         "progress": {"keepalive": "1s"},
         "profiles": {
-            "a": {"model": "a.gguf", "aliases": ["alpha"], "display_name": "Model A",
+            "a": {"model": str(tmp_path / "a.gguf"), "aliases": ["alpha"],
+                  "display_name": "Model A",
                   "flags": {"ctx-size": 8192, "fake-load-ms": 200, **(a_flags or {})}},
-            "b": {"model": "b.gguf",
+            "b": {"model": str(tmp_path / "b.gguf"),
                   "flags": {"ctx-size": 4096, "fake-load-ms": 300, "jinja": True,
                             **(b_flags or {})}},
         },
@@ -330,6 +336,35 @@ async def test_operations_load_unload_and_status(tmp_path: Path) -> None:
         assert running.supervisor.proc is None
         missing = await client.post("/swapd/load", json={})
         assert missing.status_code == 400
+
+
+async def test_a_profile_that_cannot_start_does_not_stop_the_running_model(
+        tmp_path: Path) -> None:
+    (tmp_path / "notes.gguf").write_text("not a model\n")
+    async with swapd(tmp_path) as (running, client):
+        pid = (await client.post("/swapd/load", json={"model": "a"})).json()["pid"]
+        profiles = running.supervisor.config.profiles
+        for broken, why in (
+                ({"model": str(tmp_path / "gone.gguf")}, "gone.gguf: No such file"),
+                ({"model": str(tmp_path / "notes.gguf")}, "notes.gguf is not a GGUF file"),
+                ({"flags": {"no-such-flag": True}},
+                 "llama-server does not accept --no-such-flag")):
+            config = attrs.evolve(running.supervisor.config, profiles={
+                **profiles, "b": attrs.evolve(profiles["b"], **broken)})
+            await running.supervisor.reload(config)
+            answer = await client.post("/v1/chat/completions", json=chat("b"))
+            assert answer.status_code == 503
+            message = answer.json()["error"]["message"]
+            assert message.startswith("profile 'b': not started: ") and why in message, message
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json=chat("b", stream=True)) as response:
+                body = (await response.aread()).decode()
+            _comments, data = sse_events(body)  # a waiting stream hears it in band
+            assert why in data[-2]["error"]["message"] and data[-1] == "[DONE]"
+            assert running.supervisor.proc.pid == pid  # type: ignore[union-attr]
+            served = await client.post("/v1/chat/completions", json=chat("a"))
+            assert served.json()["choices"][0]["message"]["content"].startswith(f"fake:a:{pid}")
+        assert running.supervisor.stats["swaps"] == 0
 
 
 async def test_unload_after_a_crash_leaves_the_failed_state(tmp_path: Path) -> None:

@@ -239,3 +239,19 @@ async def test_a_crash_loop_opens_the_circuit_then_the_fallback_serves(tmp_path:
             assert answer.json()["choices"][0]["message"]["content"].startswith("fake:remote:")
             assert running.supervisor.stats["crashes"] == 2
             assert running.supervisor.circuits()["a"]["state"] == "open"
+
+
+async def test_a_profile_that_cannot_start_goes_to_the_fallback_and_a_keeps_serving(
+        tmp_path: Path) -> None:
+    async with remote_upstream("remote") as url:
+        config = json.loads(config_text(tmp_path))
+        config["profiles"]["b"]["model"] = str(tmp_path / "not-downloaded-yet.gguf")
+        config["fallbacks"] = [{"name": "lan", "base_url": url, "model": "remote"}]
+        async with open_server(parse_config(json.dumps(config))) as running, \
+                httpx.AsyncClient(base_url=running.url, timeout=30) as client:
+            pid = (await client.post("/swapd/load", json={"model": "a"})).json()["pid"]
+            answer = await client.post("/v1/chat/completions", json=chat("b"))
+            assert answer.status_code == 200
+            assert answer.json()["choices"][0]["message"]["content"].startswith("fake:remote:")
+            assert running.supervisor.proc.pid == pid  # type: ignore[union-attr]
+            assert running.supervisor.stats["swaps"] == 0

@@ -30,7 +30,7 @@ from swapd.errors import (
     UnknownModel,
 )
 from swapd.supervisor import IllegalTransition, State, Supervisor
-from tests.support.tiny_gguf import write_tiny_llama
+from tests.support.tiny_gguf import write_header_only, write_tiny_llama
 
 _pids = itertools.count(1000)
 
@@ -98,6 +98,20 @@ class FakeLauncher:
         return [p.name for p in self.launched]
 
 
+class FakePreflight:
+    """Stands in for ``preflight.Preflight``: a verdict per profile, after ``delay``."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.problems: dict[str, str] = {}
+        self.checked: list[str] = []
+
+    async def __call__(self, config: Config, profile: Profile) -> str | None:
+        self.checked.append(profile.name)
+        await trio.sleep(self.delay)
+        return self.problems.get(profile.name)
+
+
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     queue = overrides.get("queue", "max_waiting: 10\n  starvation_bound: 10s")
     timeouts = overrides.get("timeouts", "queue_wait: 60s\n  drain: 5s\n  stop: 2s")
@@ -113,12 +127,14 @@ profiles:
   b: {{model: b.gguf}}
   c: {{model: c.gguf}}
 """
+    write_header_only(*(tmp_path / f"{name}.gguf" for name in "abc"))  # for a real check
     return parse_config(text, base_dir=tmp_path)
 
 
-async def start_supervisor(nursery: trio.Nursery, config: Config,
-                           launcher: FakeLauncher) -> Supervisor:
-    sup = Supervisor(config, launcher=launcher)  # type: ignore[arg-type]
+async def start_supervisor(nursery: trio.Nursery, config: Config, launcher: FakeLauncher,
+                           preflight: FakePreflight | None = None) -> Supervisor:
+    sup = Supervisor(config, launcher=launcher,  # type: ignore[arg-type]
+                     preflight=preflight or FakePreflight())
     await nursery.start(sup.run)
     return sup
 
@@ -442,7 +458,7 @@ profiles:
         del launcher.failing["b"]
         await use(sup, "b")  # the half-open trial succeeds and closes the circuit
         assert sup.circuits()["b"]["state"] == "closed"
-        await trio.sleep(60)  # restart.stable_after: up that long, its failures are over
+        await trio.sleep(61)  # restart.stable_after: up that long, its failures are over
         assert "b" not in sup.circuits()
         assert [e.kind for e in sup.events if e.kind.startswith("circuit")] == [
             "circuit_open", "circuit_closed"]
@@ -757,4 +773,82 @@ async def test_a_model_less_request_is_not_queued_for_a_removed_profile(
         await trio.sleep(1)
         assert sup.state is State.IDLE
         await use(sup, "b")  # and the supervisor is still alive to serve the rest
+        await sup.shutdown()
+
+
+BAD_MODEL = ("not started: cannot read b.gguf: No such file or directory (check that the "
+             "profile's model path is a readable GGUF file)")
+
+
+async def test_a_profile_that_cannot_start_leaves_the_running_model_alone(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=1.0)
+    preflight = FakePreflight(delay=2.0)  # a slow check (the first --help of a binary)
+    preflight.problems["b"] = BAD_MODEL
+    refused: list[Exception] = []
+
+    async def ask_for_b() -> None:
+        try:
+            await use(sup, "b")
+        except LocalFailed as error:
+            refused.append(error)
+
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher, preflight)
+        await use(sup, "a")
+        (a_proc,) = launcher.launched
+        async with trio.open_nursery() as clients:
+            clients.start_soon(ask_for_b)
+            await trio.sleep(1)  # mid-check: the loop answers, a keeps serving newcomers
+            before = trio.current_time()
+            await use(sup, "a")
+            assert trio.current_time() == before and sup.n_waiting == 1
+        (error,) = refused
+        assert str(error) == f"profile 'b': {BAD_MODEL}" and error.status == 503
+        assert launcher.names == ["a"] and a_proc.alive  # nothing was stopped or started
+        assert sup.state is State.READY and sup.proc is a_proc
+        assert sup.status()["last_error"]["message"] == f"profile 'b': {BAD_MODEL}"
+        assert sup.circuits()["b"]["failures"] == 1  # it counts for b's circuit
+        for _ in range(2):  # restart.max_failures (3) refusals open it
+            with pytest.raises(LocalFailed):
+                await sup.acquire("b")
+        with pytest.raises(CircuitOpen):
+            await sup.acquire("b")
+        assert preflight.checked == ["a", "b", "b", "b"] and a_proc.alive
+        await use(sup, "a")
+        await sup.shutdown()
+
+
+async def test_every_start_is_checked_and_a_fixed_profile_starts(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=1.0)
+    preflight = FakePreflight()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher, preflight)
+        await use(sup, "a")
+        await use(sup, "b")
+        preflight.problems["a"] = "not started: llama-server does not accept --bogus"
+        with pytest.raises(LocalFailed, match="--bogus"):
+            await sup.acquire("a")  # checked again at its next start, not remembered
+        assert sup.active is not None and sup.active.name == "b"
+        del preflight.problems["a"]  # the file or the flags were fixed
+        await use(sup, "a")
+        assert launcher.names == ["a", "b", "a"]
+        # A start from idle checks first; a swap checks before draining (then again,
+        # from the cache, as it starts): b, b, and for a the refusal, then a, a.
+        assert preflight.checked == ["a", "b", "b", "a", "a", "a"]
+        await sup.shutdown()
+
+
+async def test_from_idle_a_start_that_fails_its_check_spawns_nothing(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    preflight = FakePreflight()
+    preflight.problems["b"] = BAD_MODEL
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher, preflight)
+        with pytest.raises(LocalFailed, match=r"not started: cannot read b\.gguf"):
+            await sup.acquire("b")
+        assert launcher.launched == [] and sup.state is State.FAILED
+        assert sup.history[-1]["result"] == "failed"
         await sup.shutdown()
