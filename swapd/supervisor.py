@@ -554,6 +554,13 @@ class Supervisor:
             self._transition(State.IDLE)
             self._publish("stopped", profile=profile.name, exit_code=None)
             return
+        if error is None and proc is not None and not proc.alive:
+            # It died after its readiness (during a cache restore, say), and its Exited
+            # came while STARTING: no usable child, so a failed start, not READY.
+            error = StartFailed(profile.name, f"{process.describe_exit(proc.exit_code)} "
+                                "right after it became ready", exit_code=proc.exit_code,
+                                stderr_tail=list(proc.tail)[-15:])
+            proc.kill_now()  # whatever it left behind in its group
         if error is not None or proc is None:
             assert error is not None
             self.proc = None
@@ -713,6 +720,13 @@ class Supervisor:
             wants_other = self._unload_requested or self._shutting_down or any(
                 q for name, q in self._waiting.items()
                 if name != self.active.name and self._cleared_for_start(name))
+            if self._draining_since is not None and not wants_other:
+                # Whoever it drained for is gone (timed out, left, removed): serve on
+                # rather than cut its in-flight requests at the deadline for nobody.
+                self._draining_since = None
+                self._publish("drain_cancelled", profile=self.active.name)
+                for waiter in self._waiting.pop(self.active.name, deque()):
+                    self._grant(waiter)
             if self._draining_since is not None and not self._leases:
                 self._begin_stop()
             elif wants_other and not self._leases and self._draining_since is None:
@@ -797,6 +811,8 @@ class Supervisor:
 
     def _record_failure(self, name: str, why: str) -> None:
         """Count a failed start or crash: back off, and open the circuit at the limit."""
+        if name not in self.config.profiles:
+            return  # removed by a reload: no circuit (or metric) for a gone profile
         restart = self.config.restart
         health = self.health.setdefault(name, ProfileHealth())
         health.failures += 1

@@ -852,3 +852,65 @@ async def test_from_idle_a_start_that_fails_its_check_spawns_nothing(
         assert launcher.launched == [] and sup.state is State.FAILED
         assert sup.history[-1]["result"] == "failed"
         await sup.shutdown()
+
+
+async def test_a_child_that_dies_as_it_becomes_ready_is_a_failed_start(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    class DiesAfterReady(FakeProc):
+        async def wait_ready(self, start_timeout: float, interval: float) -> None:
+            await super().wait_ready(start_timeout, interval)
+            self.exit(-11)  # e.g. while its prompt cache is being restored
+            await trio.sleep(0.5)
+
+    class Launcher(FakeLauncher):
+        def __call__(self, config: Config, profile: Profile, log: Any,
+                     extra_argv: Any = ()) -> FakeProc:
+            proc = DiesAfterReady(profile, self.load_time, None)
+            self.launched.append(proc)
+            return proc
+
+    launcher = Launcher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        with pytest.raises(LocalFailed, match="was killed by SIGSEGV right after it "
+                                              "became ready"):
+            await sup.acquire("a")  # not a lease on a dead child
+        assert sup.state is State.FAILED and sup.proc is None
+        assert sup.circuits()["a"]["failures"] == 1
+        await sup.shutdown()
+
+
+async def test_a_drain_whose_reason_left_is_called_off(tmp_path: Path,
+                                                       autojump_clock: Any) -> None:
+    config = make_config(tmp_path, queue="starvation_bound: 1s",
+                         timeouts="drain: 5s\n  queue_wait: 60s")
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        long_request = await sup.acquire("a")
+        with pytest.raises(QueueTimeout):
+            await sup.acquire("b", queue_wait=2)  # a drains for it after 1 s, then it leaves
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.serving("a")  # nobody else waits: a takes newcomers again
+        await use(sup, "a")
+        await trio.sleep(10)  # past the drain deadline: nothing is cut
+        assert not long_request.scope.cancel_called and sup.state is State.READY
+        await sup.release(long_request)
+        assert launcher.names == ["a"]
+        await sup.shutdown()
+
+
+async def test_a_removed_profile_that_crashes_leaves_no_circuit_behind(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        lease = await sup.acquire("a")
+        await sup.reload(reloaded(tmp_path, "  b: {model: b.gguf}\n"))
+        launcher.launched[0].exit(139)
+        with lease.scope:
+            await trio.sleep_forever()
+        await sup.release(lease)
+        assert sup.state is State.IDLE  # the unload its removal asked for is done
+        assert sup.circuits() == {}  # no circuit, no metric for a profile that is gone
+        await sup.shutdown()
