@@ -31,19 +31,26 @@ from . import workloads
 from .client import chat_body
 from .procs import FAKE_SERVER, MARKER, Swapd, cpu_seconds
 
-CONFIG: dict[str, Any] = {
-    "llama_server": {"command": [sys.executable, str(FAKE_SERVER)]},
-    "profiles": {
-        "fast": {"model": "/nonexistent/fast.gguf", "flags": {"fake-tokens": 20000}},
-        # One token per millisecond: every chunk is its own read, nothing coalesces.
-        "paced": {"model": "/nonexistent/paced.gguf",
-                  "flags": {"fake-tokens": 2000, "fake-token-delay-ms": 1}},
-    },
-}
+
+def config(workdir: Path) -> dict[str, Any]:
+    from tests.support.tiny_gguf import write_header_only
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = workdir / "fake.gguf"
+    write_header_only(model)  # the fake never opens it; swapd checks it is a GGUF
+    return {
+        "llama_server": {"command": [sys.executable, str(FAKE_SERVER)]},
+        "profiles": {
+            "fast": {"model": str(model), "flags": {"fake-tokens": 20000}},
+            # One token per millisecond: every chunk is its own read, nothing coalesces.
+            "paced": {"model": str(model),
+                      "flags": {"fake-tokens": 2000, "fake-token-delay-ms": 1}},
+        },
+    }
 
 
 async def measure(root: Path, workdir: Path, requests: int) -> dict[str, float]:
-    swapd = Swapd(CONFIG, workdir, root.name or "root", root=root)
+    swapd = Swapd(config(workdir), workdir, root.name or "root", root=root)
     await swapd.start()
     out: dict[str, float] = {}
     try:

@@ -66,7 +66,11 @@ BIG = {"n_embd": 1024, "n_layers": 5, "n_head": 16, "n_head_kv": 16}  # about 21
 def fake_config(workdir: Path, plan: Plan) -> dict[str, Any]:
     """Profiles on the fake llama-server: a fast one, two for swaps, three for collation,
     one paced for the held streams."""
-    model = str(workdir / "fake.gguf")  # never opened by the fake
+    from tests.support.tiny_gguf import write_header_only
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_header_only(workdir / "fake.gguf")  # the fake never opens it; swapd checks it
+    model = str(workdir / "fake.gguf")
     held_tokens = int(plan.hold_seconds * 1000 / HELD_TOKEN_DELAY_MS) + 1
 
     def profile(**flags: Any) -> dict[str, Any]:

@@ -365,9 +365,11 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
     async def ollama_ps() -> Response:
         loaded = []
         sup = fe.supervisor
-        if sup.active is not None and sup.state.value == "ready":
-            entry = fe.catalog[sup.active.name]
-            ttl = sup.active.ttl if sup.active.ttl is not None else fe.config.ttl
+        active = sup.active
+        # .get: a reload may have removed the running profile (it unloads once idle).
+        entry = fe.catalog.get(active.name) if active is not None else None
+        if active is not None and entry is not None and sup.state.value == "ready":
+            ttl = active.ttl if active.ttl is not None else fe.config.ttl
             # Ollama reports a far-future time for "never unloads".
             expires = _iso(time.time() + ttl) if ttl else "2318-01-01T00:00:00+00:00"
             loaded.append({**ollama_model(entry), "expires_at": expires,
@@ -530,8 +532,17 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
 
     @app.route("/swapd/unload", methods=["POST"])
     async def unload() -> Response:
-        await fe.supervisor.unload()
-        return _json({"status": "unloaded", "state": fe.supervisor.state.value})
+        sup = fe.supervisor
+        if not await sup.unload():
+            status = sup.status()
+            pid = f"pid {status['pid']}, " if status["pid"] else ""
+            running = (f"{status['active'] or 'no model'} ({pid}state {status['state']}, "
+                       f"{status['inflight']} request(s) in flight)")
+            return _openai_error(
+                504, f"the unload did not finish within {sup.unload_timeout:g}s (drain, "
+                f"cache save, stop); still running: {running}; see swapd status and "
+                "swapd logs", "timeout_error", "unload_timeout")
+        return _json({"status": "unloaded", "state": sup.state.value})
 
     @app.route("/swapd/logs")
     async def logs() -> Response:

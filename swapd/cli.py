@@ -45,9 +45,7 @@ from swapd.estimate import (
     parse_gpu_memory,
 )
 from swapd.flags import build_argv, parse_help_flags, unknown_flags
-
-HELP_TIMEOUT = 30.0
-"""Seconds ``llama-server --help`` may take; it may probe GPU backends before printing."""
+from swapd.preflight import HELP_TIMEOUT
 
 AUTO_PORT = "<auto>"
 
@@ -276,7 +274,8 @@ def _client_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser
     load.add_argument("profile", metavar="PROFILE", help="profile name or alias")
     commands.add_parser(
         "unload", parents=[remote], help="stop the running model",
-        description="Stop the running model once its in-flight requests are done.")
+        description="Stop the running model once its in-flight requests are done (after "
+                    "a crash: clear the failed state). Exits 1 if it did not finish.")
     logs = commands.add_parser(
         "logs", parents=[remote], help="show llama-server's recent output",
         description="The last lines llama-server wrote (every model swapd ran).")
@@ -691,15 +690,17 @@ async def _unload(remote: Remote, args: argparse.Namespace) -> int:
     async with remote.client() as client:
         status = await remote.get_json(client, "/swapd/status")
         active = status.get("active")
-        if not active:
+        if not active and status.get("state") != "failed":
             remote.print(f"nothing is loaded (state: {status.get('state')})")
             return 0
         if status.get("inflight"):
             remote.print(f"unloading {active} once its {status['inflight']} request(s) in "
                          "flight are done…")
         response = await client.post("/swapd/unload")
-        remote.check(response)
-        remote.print(f"unloaded {active} (state: {response.json().get('state')})")
+        remote.check(response)  # an unload that did not finish exits 1, saying what runs
+        state = response.json().get("state")
+        remote.print(f"unloaded {active} (state: {state})" if active else
+                     f"nothing was running; cleared the failed state (state: {state})")
         return 0
 
 

@@ -597,12 +597,15 @@ class Queue:
 @attrs.frozen
 class Restart:
     """Crash/failed-start policy: backoff doubles from ``backoff`` up to ``backoff_max``;
-    ``max_failures`` in a row open the circuit for ``cooldown``."""
+    ``max_failures`` in a row open the circuit for ``cooldown``. Only a run of
+    ``stable_after`` forgets a profile's failures: one that loads and then crashes
+    soon after keeps counting (a crash loop opens the circuit)."""
 
     max_failures: PositiveCount = 3
     cooldown: Seconds = 60.0
     backoff: Seconds = 1.0
     backoff_max: Seconds = 30.0
+    stable_after: Seconds = 60.0
 
     def __attrs_post_init__(self) -> None:
         if self.backoff_max < self.backoff:

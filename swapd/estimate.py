@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CACHE_TYPES", "GGML_TYPES", "RUNTIME_RESERVE", "Estimate", "Fix", "GGMLType",
-    "LayoutCache", "ModelLayout", "ModelLayoutError", "TensorInfo", "detect_gpu_memory",
+    "LayoutCache", "ModelFileError", "ModelLayout", "ModelLayoutError", "TensorInfo",
+    "detect_gpu_memory",
     "estimate_model", "estimate_profile", "format_bytes", "format_report",
     "parse_gpu_memory", "read_layout", "suggest_fix", "tensor_nbytes",
 ]
@@ -160,6 +161,14 @@ _SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\
 
 class ModelLayoutError(ValueError):
     """The file is not a GGUF this module can read; the message says why."""
+
+
+class ModelFileError(ModelLayoutError):
+    """Not a model at all: the file (or a shard) is missing, unreadable or not a GGUF.
+
+    Unlike a header this module cannot fully parse (a newer quantization, say), this
+    means llama-server cannot load it either, so a start may be refused up front.
+    """
 
 
 @attrs.frozen
@@ -271,17 +280,17 @@ def _read_one(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     try:
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size < 24:
-                raise ModelLayoutError(f"{path} is not a GGUF file (too short)")
+                raise ModelFileError(f"{path} is not a GGUF file (too short)")
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 return _parse(_Reader(data, path))
     except OSError as error:
-        raise ModelLayoutError(f"cannot read {path}: {error.strerror or error}") from None
+        raise ModelFileError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def _parse(reader: _Reader) -> tuple[dict[str, Any], list[TensorInfo]]:
     path = reader.path
     if bytes(reader.data[:4]) != b"GGUF":
-        raise ModelLayoutError(f"{path} is not a GGUF file")
+        raise ModelFileError(f"{path} is not a GGUF file")
     reader.skip(4)
     (version,) = reader.take("<I")
     if version not in (2, 3):
@@ -327,7 +336,7 @@ def read_layout(path: str | os.PathLike[str]) -> ModelLayout:
         for index in range(2, count + 1):
             shard = first.with_name(f"{prefix}-{index:05d}-of-{count:05d}.gguf")
             if not shard.is_file():
-                raise ModelLayoutError(f"{first}: split file {shard.name} is missing")
+                raise ModelFileError(f"{first}: split file {shard.name} is missing")
             _, more = _read_one(shard)
             tensors += more
             files.append(shard)
@@ -352,7 +361,7 @@ class LayoutCache:
         try:
             info = key.stat()
         except OSError as error:
-            raise ModelLayoutError(f"cannot read {key}: {error.strerror or error}") from None
+            raise ModelFileError(f"cannot read {key}: {error.strerror or error}") from None
         stamp = (info.st_size, info.st_mtime_ns)
         cached = self._entries.get(key)
         if cached is not None and cached[0] == stamp:

@@ -89,6 +89,8 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
     "restart.backoff": "Delay before restarting a profile after its first failure; "
                        "doubles each time.",
     "restart.backoff_max": "The longest restart delay.",
+    "restart.stable_after": "How long a start must stay up before the profile's failures "
+                            "are forgotten; crashing sooner keeps counting.",
     "progress": "Load progress on waiting streaming chat requests.",
     "progress.reasoning": "Send load progress as reasoning_content chunks ('[swapd] "
                           "loading qwen: 40%'); false leaves only SSE comments.",

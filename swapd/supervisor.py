@@ -3,13 +3,17 @@
 A single trio task (``Supervisor.run``) owns the state machine, the child, the in-flight
 leases and the waiting queue. Everything else talks to it through one bounded memory
 channel: requests send ``Acquire``/``Release``/``Withdraw``, operators ``Unload``/
-``Shutdown``, and the supervisor's own helper tasks report ``StartDone``, ``Stopped`` and
-``Exited``. Starting and stopping run in helper tasks so the loop keeps answering (and
-queueing) while a model loads.
+``Shutdown``, and the supervisor's own helper tasks report ``Checked``, ``StartDone``,
+``Stopped`` and ``Exited``. Preflights, starts and stops run in helper tasks so the loop
+keeps answering (and queueing) while a model loads.
 
 Scheduling, in one function (``_schedule``):
 
 * a request for the ready model is granted at once;
+* a request for another model first waits for that profile's preflight (a helper task:
+  model file, flag names; see ``preflight.py``), so that nothing is drained or stopped
+  for a profile that cannot start: one that fails it is answered at once (503, its
+  circuit counts it, fallbacks may serve it) and the running model never notices;
 * while another model's requests wait, the ready model keeps taking newcomers only until
   the oldest of those has waited ``queue.starvation_bound``; then it drains (in-flight
   requests finish, bounded by ``timeouts.drain``) and is stopped;
@@ -50,10 +54,16 @@ from .errors import (
     UnknownModel,
 )
 from .estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
+from .preflight import Preflight, PreflightCheck
 from .slotcache import SLOT_TIMEOUT, SlotCache
 from .statedir import WriteErrors
 
 log = logging.getLogger(__name__)
+
+
+UNLOAD_MARGIN = 10.0
+"""Seconds an unload may take beyond its drain, cache save and stop grace (the stop's
+own SIGKILL and reap) before ``unload`` reports that it did not finish."""
 
 
 class State(enum.Enum):
@@ -109,7 +119,10 @@ class ProfileHealth:
     """Consecutive failures of one profile, its restart backoff and its circuit.
 
     Per profile, not global: a profile with a bad flag or a context too big for the GPU
-    must not stop the healthy ones from loading.
+    must not stop the healthy ones from loading. A successful start closes an open
+    circuit but does not forget the failures: only a run of ``restart.stable_after``
+    does, so a child that loads and then crashes on its first request keeps counting
+    and opens the circuit (instead of a reload and a 502 per request, forever).
     """
 
     failures: int = 0
@@ -158,6 +171,14 @@ class Reload:
 
 
 @attrs.frozen
+class Checked:
+    """The preflight of ``profile`` is done: None, or why it cannot start."""
+
+    profile: Profile
+    problem: str | None
+
+
+@attrs.frozen
 class StartDone:
     profile: Profile
     proc: process.LlamaProcess | None
@@ -185,8 +206,8 @@ Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
                     process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
-Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | StartDone | Phase
-           | Stopped | Exited)
+Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | Checked | StartDone
+           | Phase | Stopped | Exited)
 
 
 @attrs.frozen
@@ -204,9 +225,11 @@ class Supervisor:
 
     def __init__(self, config: Config, *, child_log: process.ChildLog | None = None,
                  launcher: Launcher = process.launch,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 preflight: PreflightCheck | None = None) -> None:
         self.config = config
         self._launch = launcher
+        self._preflight = preflight or Preflight()
         self.child_log = child_log
         self.state_writes = child_log.errors if child_log is not None else WriteErrors()
         """Failed writes into state_dir (log, pidfile, load times, caches): never fatal."""
@@ -232,6 +255,8 @@ class Supervisor:
             max(64, 4 * config.queue.max_waiting))
         self._leases: set[Lease] = set()
         self._waiting: dict[str, deque[Waiter]] = {}
+        self._checking: set[str] = set()  # profiles whose preflight runs now
+        self._cleared: dict[str, Profile] = {}  # passed it; the next start consumes it
         self._draining_since: float | None = None
         self._idle_since = 0.0
         self._start_began: float | None = None
@@ -315,10 +340,15 @@ class Supervisor:
             await self._send.send(Unload(done))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
-        timeouts = self.config.timeouts
-        with trio.move_on_after(timeouts.drain + timeouts.stop + SLOT_TIMEOUT + 10):
+        with trio.move_on_after(self.unload_timeout):
             await done.wait()
         return done.is_set()
+
+    @property
+    def unload_timeout(self) -> float:
+        """The longest an unload may take: drain, a cache save, the stop grace."""
+        timeouts = self.config.timeouts
+        return timeouts.drain + timeouts.stop + SLOT_TIMEOUT + UNLOAD_MARGIN
 
     async def reload(self, config: Config) -> dict[str, Any]:
         """Adopt a new, already validated config; returns what changed.
@@ -410,6 +440,8 @@ class Supervisor:
                     self._handle(await self._receive.receive())
                 self._on_timers()
                 self._schedule()
+                if not self._shutting_down:
+                    self._launch_checks()  # for whoever still waits after this step
             # Answer what is still queued, so nobody waits on a loop that is gone; a
             # later send finds the channel closed and reads that as ShuttingDown too.
             while True:
@@ -441,6 +473,8 @@ class Supervisor:
                 self._fail_all_waiters(ShuttingDown())
             case Reload(config, reply):
                 reply.send_nowait(self._on_reload(config))
+            case Checked(profile, problem):
+                self._on_checked(profile, problem)
             case StartDone(profile, proc, error):
                 self.phase = None
                 self._on_start_done(profile, proc, error)
@@ -466,6 +500,10 @@ class Supervisor:
         if name is None:
             if self.active is None:
                 self._answer(waiter, NoModelLoaded(list(self.config.profiles)))
+                return
+            if self.active.name not in self.config.profiles:  # removed, going away
+                self._answer(waiter, UnknownModel(self.active.name,
+                                                  self.config.model_names()))
                 return
             profile = self.active
         else:
@@ -520,21 +558,19 @@ class Supervisor:
             self._transition(State.IDLE)
             self._publish("stopped", profile=profile.name, exit_code=None)
             return
+        if error is None and proc is not None and not proc.alive:
+            # It died after its readiness (during a cache restore, say), and its Exited
+            # came while STARTING: no usable child, so a failed start, not READY.
+            error = StartFailed(profile.name, f"{process.describe_exit(proc.exit_code)} "
+                                "right after it became ready", exit_code=proc.exit_code,
+                                stderr_tail=list(proc.tail)[-15:])
+            proc.kill_now()  # whatever it left behind in its group
         if error is not None or proc is None:
             assert error is not None
             self.proc = None
-            self.last_error, self.last_error_at = error, self._wall()
-            self.stats["starts_failed"] += 1
             self._transition(State.FAILED)
-            log.error("%s", error)
-            self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
-                          message=str(error).splitlines()[0])
-            self._record_failure(profile.name, str(error).splitlines()[0])
+            self._start_failed(profile, error)
             self._record_load(profile.name, "failed")
-            # Everyone waiting for this profile hears why; others keep waiting.
-            failure = LocalFailed(error)
-            for waiter in self._waiting.pop(profile.name, deque()):
-                self._answer(waiter, failure)
             self.active = None
             return
         assert proc.ready_at is not None
@@ -545,10 +581,55 @@ class Supervisor:
         self._transition(State.READY)
         self._idle_since = trio.current_time()
         self._record_load(profile.name, "ok")
-        health = self.health.pop(profile.name, None)
+        health = self.health.get(profile.name)
         if health is not None and health.opened_at is not None:
+            health.opened_at = None  # the trial worked; its failures stay until stable
             self._publish("circuit_closed", profile=profile.name)
         self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
+
+    def _start_failed(self, profile: Profile, error: StartError) -> None:
+        """A start failed, or its preflight refused it: count it, tell its waiters."""
+        self.last_error, self.last_error_at = error, self._wall()
+        self.stats["starts_failed"] += 1
+        log.error("%s", error)
+        self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
+                      message=str(error).splitlines()[0])
+        self._record_failure(profile.name, str(error).splitlines()[0])
+        # Everyone waiting for this profile hears why; others keep waiting.
+        failure = LocalFailed(error)
+        for waiter in self._waiting.pop(profile.name, deque()):
+            self._answer(waiter, failure)
+
+    def _on_checked(self, profile: Profile, problem: str | None) -> None:
+        self._checking.discard(profile.name)
+        if self._shutting_down or self.config.profiles.get(profile.name) != profile:
+            return  # a reload changed it meanwhile: the new definition gets its own check
+        if problem is None:
+            self._cleared[profile.name] = profile
+            return
+        # Refused before anything was drained or stopped for it: the running model
+        # never noticed; the state machine has nothing to do.
+        self._start_failed(profile, StartFailed(profile.name, problem))
+
+    def _launch_checks(self) -> None:
+        """While a model is ready, check each other profile with waiters before it may
+        be drained for them (with nothing running, the start itself checks first)."""
+        assert self._nursery is not None
+        for name in [n for n in self._cleared if not self._waiting.get(n)]:
+            del self._cleared[name]  # nobody waits: by the next request it may be stale
+        if self.state is not State.READY or self.active is None:
+            return
+        for name, queue in self._waiting.items():
+            profile = self.config.profiles.get(name)
+            if (not queue or profile is None or name in self._checking
+                    or name == self.active.name or self._cleared.get(name) == profile):
+                continue
+            self._checking.add(name)
+            self._nursery.start_soon(self._run_check, profile)
+
+    def _cleared_for_start(self, name: str) -> bool:
+        profile = self._cleared.get(name)
+        return profile is not None and profile == self.config.profiles.get(name)
 
     def _on_reload(self, new: Config) -> dict[str, Any]:
         old = self.config
@@ -570,6 +651,13 @@ class Supervisor:
             self.active = new.profiles[active]  # same definition: keeps serving as is
         elif active in removed and self.state is State.READY:
             self._unload_requested = True  # unloaded once its requests are done
+        elif active is not None and self.state is State.STARTING:
+            # Removed or changed while it loads: nobody may use what it would become.
+            # Stop it (once ready, if it wins the race); waiters of a changed profile
+            # stay queued and get a start of its new definition.
+            log.info("stopping the start of %s: the reload %s it", active,
+                     "removed" if active in removed else "changed")
+            self._cancel_start()
         summary = {"added": added, "removed": removed, "changed": changed,
                    "active": active, "active_kept": active is not None
                    and active not in changed and active not in removed}
@@ -590,6 +678,7 @@ class Supervisor:
     def _on_exited(self, proc: process.LlamaProcess) -> None:
         if proc is not self.proc or self.state is not State.READY:
             return  # a stop or a failed start we already account for
+        self._forget_if_stable()  # a crash after a long run starts a new count
         error = ModelCrashed(proc.name, proc.exit_code, list(proc.tail)[-15:],
                              process.describe_exit(proc.exit_code))
         log.error("%s; last output:\n%s", error, "\n".join(error.stderr_tail))
@@ -633,7 +722,15 @@ class Supervisor:
                     self._publish("draining", profile=self.active.name,
                                   inflight=len(self._leases))
             wants_other = self._unload_requested or self._shutting_down or any(
-                q for name, q in self._waiting.items() if name != self.active.name)
+                q for name, q in self._waiting.items()
+                if name != self.active.name and self._cleared_for_start(name))
+            if self._draining_since is not None and not wants_other:
+                # Whoever it drained for is gone (timed out, left, removed): serve on
+                # rather than cut its in-flight requests at the deadline for nobody.
+                self._draining_since = None
+                self._publish("drain_cancelled", profile=self.active.name)
+                for waiter in self._waiting.pop(self.active.name, deque()):
+                    self._grant(waiter)
             if self._draining_since is not None and not self._leases:
                 self._begin_stop()
             elif wants_other and not self._leases and self._draining_since is None:
@@ -641,6 +738,11 @@ class Supervisor:
                 self._begin_stop()
         elif self.state in (State.IDLE, State.FAILED):
             if self._unload_requested:
+                if self.state is State.FAILED:
+                    # Unload is about the process: none runs, so the state is IDLE.
+                    # The profile's failure record (backoff, circuit) and last_error
+                    # stay: they are facts about the profile, which unload does not fix.
+                    self._transition(State.IDLE)
                 self._finish_unloads()
             if self._shutting_down:
                 return
@@ -660,15 +762,17 @@ class Supervisor:
         bound = self.config.queue.starvation_bound
         now = trio.current_time()
         return any(q and now - q[0].enqueued >= bound
-                   for name, q in self._waiting.items() if name != self.active.name)
+                   for name, q in self._waiting.items()
+                   if name != self.active.name and self._cleared_for_start(name))
 
     def _oldest_waiter(self) -> Waiter | None:
         heads = [q[0] for q in self._waiting.values() if q]
         return min(heads, key=lambda w: w.enqueued) if heads else None
 
     def _next_deadline(self) -> float:
-        """When the loop must wake without a message: starvation, drain, TTL, backoff."""
-        deadlines = [math.inf]
+        """When the loop must wake without a message: starvation, drain, TTL, backoff,
+        and the end of a ready model's probation (``restart.stable_after``)."""
+        deadlines = [self._stable_at()]
         if self.state in (State.IDLE, State.FAILED):
             oldest = self._oldest_waiter()
             if oldest is not None:
@@ -677,7 +781,8 @@ class Supervisor:
             if self._draining_since is None:
                 bound = self.config.queue.starvation_bound
                 deadlines += [q[0].enqueued + bound for name, q in self._waiting.items()
-                              if q and name != self.active.name]
+                              if q and name != self.active.name
+                              and self._cleared_for_start(name)]
                 ttl = self._ttl(self.active)
                 if ttl and not self._leases and not self.n_waiting:
                     deadlines.append(self._idle_since + ttl)
@@ -689,6 +794,7 @@ class Supervisor:
         now = trio.current_time()
         if self.state is not State.READY or self.active is None:
             return
+        self._forget_if_stable()
         if self._draining_since is not None:
             if self._leases and now >= self._draining_since + self.config.timeouts.drain:
                 why = (f"{self._drain_cause()} and the request did not finish within "
@@ -727,6 +833,8 @@ class Supervisor:
 
     def _record_failure(self, name: str, why: str) -> None:
         """Count a failed start or crash: back off, and open the circuit at the limit."""
+        if name not in self.config.profiles:
+            return  # removed by a reload: no circuit (or metric) for a gone profile
         restart = self.config.restart
         health = self.health.setdefault(name, ProfileHealth())
         health.failures += 1
@@ -740,6 +848,20 @@ class Supervisor:
                       name, health.failures, restart.cooldown)
             self._publish("circuit_open", profile=name, failures=health.failures,
                           cooldown=restart.cooldown)
+
+    def _stable_at(self) -> float:
+        """When the ready model's failures are forgotten (inf: none to forget)."""
+        if (self.state is not State.READY or self.active is None or self.proc is None
+                or self.proc.ready_at is None or self.active.name not in self.health):
+            return math.inf
+        return self.proc.ready_at + self.config.restart.stable_after
+
+    def _forget_if_stable(self) -> None:
+        """The ready model has stayed up ``restart.stable_after``: its failures are over."""
+        if self.active is not None and trio.current_time() >= self._stable_at():
+            del self.health[self.active.name]
+            log.info("%s has been up %gs; its earlier failures are forgotten",
+                     self.active.name, self.config.restart.stable_after)
 
     def _retry_at(self, name: str) -> float:
         health = self.health.get(name)
@@ -810,6 +932,7 @@ class Supervisor:
             now = trio.current_time()
             self._swap = {"from": None, "began": now, "stopped": now}
         self.active = profile
+        self._cleared.pop(profile.name, None)  # each start is checked afresh
         self._draining_since = None
         self._start_began = trio.current_time()
         self._transition(State.STARTING)
@@ -863,6 +986,9 @@ class Supervisor:
         try:
             with scope:
                 try:
+                    problem = await self._check(profile)
+                    if problem is not None:  # cheap if it ran before the drain: cached
+                        raise StartFailed(profile.name, problem)
                     await self._check_fits(profile)
                     proc = self._launch(self.config, profile, self.child_log,
                                         self.slots.argv(profile))
@@ -887,6 +1013,17 @@ class Supervisor:
             if not handed_over and proc is not None and proc.alive:
                 with trio.CancelScope(shield=True):  # bounded by stop()'s own grace
                     await proc.stop(timeouts.stop)
+
+    async def _run_check(self, profile: Profile) -> None:
+        await self._post_shielded(Checked(profile, await self._check(profile)))
+
+    async def _check(self, profile: Profile) -> str | None:
+        """The preflight's verdict on ``profile`` (see ``preflight.py``)."""
+        try:
+            return await self._preflight(self.config, profile)
+        except Exception:  # a bug in a check must not take swapd down: start unchecked
+            log.exception("the preflight of %s failed; starting it unchecked", profile.name)
+            return None
 
     async def _check_fits(self, profile: Profile) -> None:
         """memory.guard: refuse a start whose estimate exceeds the GPU, with a fix."""

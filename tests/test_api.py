@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import ollama
 import openai
@@ -28,11 +29,15 @@ from swapd.config import parse_config
 from swapd.progress import PREFIX
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.tiny_gguf import write_header_only
 
 
 def config_text(tmp_path: Path, *, queue: dict[str, Any] | None = None,
                 timeouts: dict[str, Any] | None = None, a_flags: dict[str, Any] | None = None,
                 b_flags: dict[str, Any] | None = None, **extra: Any) -> str:
+    """Profiles ``a`` and ``b`` on the fake llama-server, with their (header-only) model
+    files written in ``tmp_path``: swapd checks a model file before it starts it."""
+    write_header_only(tmp_path / "a.gguf", tmp_path / "b.gguf")
     config = {
         "listen": "127.0.0.1:0",
         "state_dir": str(tmp_path / "state"),
@@ -41,9 +46,10 @@ def config_text(tmp_path: Path, *, queue: dict[str, Any] | None = None,
         "queue": {"max_waiting": 10, **(queue or {})},
         "progress": {"keepalive": "1s"},
         "profiles": {
-            "a": {"model": "a.gguf", "aliases": ["alpha"], "display_name": "Model A",
+            "a": {"model": str(tmp_path / "a.gguf"), "aliases": ["alpha"],
+                  "display_name": "Model A",
                   "flags": {"ctx-size": 8192, "fake-load-ms": 200, **(a_flags or {})}},
-            "b": {"model": "b.gguf",
+            "b": {"model": str(tmp_path / "b.gguf"),
                   "flags": {"ctx-size": 4096, "fake-load-ms": 300, "jinja": True,
                             **(b_flags or {})}},
         },
@@ -332,6 +338,64 @@ async def test_operations_load_unload_and_status(tmp_path: Path) -> None:
         assert missing.status_code == 400
 
 
+async def test_a_profile_that_cannot_start_does_not_stop_the_running_model(
+        tmp_path: Path) -> None:
+    (tmp_path / "notes.gguf").write_text("not a model\n")
+    async with swapd(tmp_path) as (running, client):
+        pid = (await client.post("/swapd/load", json={"model": "a"})).json()["pid"]
+        profiles = running.supervisor.config.profiles
+        for broken, why in (
+                ({"model": str(tmp_path / "gone.gguf")}, "gone.gguf: No such file"),
+                ({"model": str(tmp_path / "notes.gguf")}, "notes.gguf is not a GGUF file"),
+                ({"flags": {"no-such-flag": True}},
+                 "llama-server does not accept --no-such-flag")):
+            config = attrs.evolve(running.supervisor.config, profiles={
+                **profiles, "b": attrs.evolve(profiles["b"], **broken)})
+            await running.supervisor.reload(config)
+            answer = await client.post("/v1/chat/completions", json=chat("b"))
+            assert answer.status_code == 503
+            message = answer.json()["error"]["message"]
+            assert message.startswith("profile 'b': not started: ") and why in message, message
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json=chat("b", stream=True)) as response:
+                body = (await response.aread()).decode()
+            _comments, data = sse_events(body)  # a waiting stream hears it in band
+            assert why in data[-2]["error"]["message"] and data[-1] == "[DONE]"
+            assert running.supervisor.proc.pid == pid  # type: ignore[union-attr]
+            served = await client.post("/v1/chat/completions", json=chat("a"))
+            assert served.json()["choices"][0]["message"]["content"].startswith(f"fake:a:{pid}")
+        assert running.supervisor.stats["swaps"] == 0
+
+
+async def test_unload_after_a_crash_leaves_the_failed_state(tmp_path: Path) -> None:
+    async with swapd(tmp_path, a_flags={"fake-crash-after": 1}) as (running, client):
+        crashed = await client.post("/v1/chat/completions", json=chat("a"))
+        assert crashed.status_code == 502
+        with trio.fail_after(10):  # the crash may be answered before it is reaped
+            while running.supervisor.state.value != "failed":
+                await trio.sleep(0.01)
+        unloaded = await client.post("/swapd/unload")
+        assert unloaded.status_code == 200
+        assert unloaded.json() == {"status": "unloaded", "state": "idle"}
+
+
+async def test_unload_that_did_not_finish_is_504_naming_what_still_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with swapd(tmp_path) as (running, client):
+        pid = (await client.post("/swapd/load", json={"model": "a"})).json()["pid"]
+
+        async def unload_in_vain() -> bool:
+            return False  # what Supervisor.unload says when its deadline passed
+
+        monkeypatch.setattr(running.supervisor, "unload", unload_in_vain)
+        answer = await client.post("/swapd/unload")
+        assert answer.status_code == 504
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == ("timeout_error", "unload_timeout")
+        assert f"still running: a (pid {pid}, state ready, 0 request(s) in flight)" in (
+            error["message"])
+
+
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/responses", "/v1/rerank"])
 async def test_any_v1_post_with_a_model_is_routed(tmp_path: Path, path: str) -> None:
     async with swapd(tmp_path) as (_running, client):
@@ -389,6 +453,68 @@ async def test_reload_by_diff_keeps_the_running_model(tmp_path: Path) -> None:
         assert "did you mean 'flags'" in rejected.json()["error"]["message"]
         models = {m["id"] for m in (await client.get("/v1/models")).json()["data"]}
         assert models == {"a", "b", "c"}  # the old config stays
+
+
+@asynccontextmanager
+async def reloadable_swapd(tmp_path: Path, **kwargs: Any) -> AsyncIterator[
+        tuple[Running, httpx.AsyncClient, Path]]:
+    path = tmp_path / "swapd.yaml"
+    path.write_text(config_text(tmp_path, **kwargs))
+    config = parse_config(path.read_text(), base_dir=tmp_path)
+    async with open_server(config, config_path=path) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=30) as client:
+        yield running, client, path
+
+
+def without_profile(path: Path, name: str) -> None:
+    config = json.loads(path.read_text())
+    del config["profiles"][name]
+    path.write_text(json.dumps(config))
+
+
+async def test_a_profile_removed_while_it_loads_is_stopped(tmp_path: Path) -> None:
+    async with reloadable_swapd(tmp_path, a_flags={"fake-load-ms": 1500}) as (
+            running, client, path), trio.open_nursery() as nursery:
+        answers: list[httpx.Response] = []
+
+        async def load_a() -> None:
+            answers.append(await client.post("/swapd/load", json={"model": "a"}))
+
+        nursery.start_soon(load_a)
+        with trio.fail_after(10):
+            while running.supervisor.proc is None and not running.supervisor.n_waiting:
+                await trio.sleep(0.01)
+        without_profile(path, "a")
+        assert (await client.post("/swapd/reload")).json()["removed"] == ["a"]
+        with trio.fail_after(10):
+            while not answers or running.supervisor.state.value != "idle":
+                await trio.sleep(0.05)
+        assert answers[0].status_code == 404  # the load it waited for: gone
+        assert running.supervisor.proc is None  # stopped, not left loaded and hidden
+        ps = await client.get("/api/ps")
+        assert ps.status_code == 200 and ps.json() == {"models": []}
+        nameless = await client.post("/v1/completions", json={"prompt": "x"})
+        assert nameless.status_code == 400  # nothing loaded serves model-less requests
+
+
+async def test_probes_survive_a_reload_that_removes_the_running_model(
+        tmp_path: Path) -> None:
+    flags = {"fake-tokens": 10000, "fake-token-delay-ms": 5}
+    async with reloadable_swapd(tmp_path, a_flags=flags) as (running, client, path), \
+            client.stream("POST", "/v1/chat/completions", json=chat("a", stream=True)) as stream:
+        chunks = stream.aiter_raw()  # kept: a dropped iterator closes the stream
+        while b"fake:a:" not in await chunks.__anext__():
+            pass  # progress, until a is ready and holds this request
+        without_profile(path, "a")
+        assert (await client.post("/swapd/reload")).status_code == 200
+        assert running.supervisor.state.value == "ready"  # until its request ends
+        for probe in ("/api/ps", "/v1/models", "/swapd/status", "/props", "/api/tags",
+                      "/api/v1/models", "/v1", "/health", "/metrics"):
+            answer = await client.get(probe)
+            assert answer.status_code == 200, (probe, answer.text)
+        assert (await client.get("/api/ps")).json() == {"models": []}
+        nameless = await client.post("/v1/completions", json={"prompt": "x"})
+        assert nameless.status_code == 404  # not served by a model that is going away
 
 
 async def test_fixed_port_in_use_is_refused_before_spawning(tmp_path: Path) -> None:

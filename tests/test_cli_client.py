@@ -379,3 +379,41 @@ async def wait_for(condition: Callable[[], bool], deadline: float = 10.0) -> Non
     with trio.fail_after(deadline):
         while not condition():
             await trio.sleep(0.01)
+
+
+def test_unload_reports_a_failed_state_cleared_and_an_unload_that_did_not_finish(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"/swapd/status": httpx.Response(200, json={"state": "failed", "active": None,
+                                                          "inflight": 0})}
+    posted: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posted.append(request.url.path)
+        return answers[request.url.path]
+
+    real_client = cli.Remote.client
+
+    def mocked(self: cli.Remote) -> httpx.AsyncClient:
+        client = real_client(self)
+        client._transport = httpx.MockTransport(handler)
+        return client
+
+    monkeypatch.setattr(cli.Remote, "client", mocked)
+    answers["/swapd/unload"] = httpx.Response(200, json={"status": "unloaded", "state": "idle"})
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["unload", "--url", "http://swapd"], out=out, err=err) == 0
+    assert posted == ["/swapd/unload"]  # after a crash, unload clears the failed state
+    assert out.getvalue() == "nothing was running; cleared the failed state (state: idle)\n"
+
+    answers["/swapd/status"] = httpx.Response(200, json={"state": "ready", "active": "a",
+                                                         "inflight": 0})
+    answers["/swapd/unload"] = httpx.Response(504, json={"error": {
+        "message": "the unload did not finish within 167s (drain, cache save, stop); still "
+                   "running: a (pid 7, state stopping, 0 request(s) in flight)",
+        "type": "timeout_error", "code": "unload_timeout"}})
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["unload", "--url", "http://swapd"], out=out, err=err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith("swapd unload: the unload did not finish within 167s")
+    assert "still running: a (pid 7, state stopping" in err.getvalue()

@@ -37,6 +37,7 @@ from swapd.config import parse_config
 from swapd.schema import config_schema
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.tiny_gguf import write_header_only
 from tests.test_schema import mini_problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +84,9 @@ NOT_RUN = {"schema-cli": "writes to /etc/swapd"}
 
 
 def doc_config(tmp_path: Path, **extra: Any) -> str:
-    """The example config's profile names, with fake children (JSON is YAML)."""
+    """The example config's profile names, with fake children (JSON is YAML) and their
+    header-only model files (swapd checks a model file is a GGUF before starting it)."""
+    write_header_only(tmp_path / "qwen.gguf", tmp_path / "embed.gguf")
     return json.dumps({
         "listen": "127.0.0.1:0",
         "state_dir": str(tmp_path / "state"),

@@ -52,7 +52,8 @@ def test_documented_defaults_match_the_code() -> None:
         "timeouts.start": "120s", "timeouts.stop": "10s", "timeouts.queue_wait": "120s",
         "timeouts.drain": "30s", "queue.max_waiting": "10", "queue.starvation_bound": "10s",
         "restart.max_failures": "3", "restart.cooldown": "60s", "restart.backoff": "1s",
-        "restart.backoff_max": "30s", "progress.keepalive": "5s", "logs.tail_lines": "500",
+        "restart.backoff_max": "30s", "restart.stable_after": "60s",
+        "progress.keepalive": "5s", "logs.tail_lines": "500",
     }
     for key, text in defaults.items():
         section, name = key.split(".")

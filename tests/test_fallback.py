@@ -218,3 +218,40 @@ async def test_openai_sdk_gets_an_answer_past_a_down_and_a_slow_upstream(
             assert "ReadTimeout" in served["slow"]["problem"]
             assert served["lan"]["served"] == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_crash_loop_opens_the_circuit_then_the_fallback_serves(tmp_path: Path) -> None:
+    async with remote_upstream("remote") as url:
+        # a loads fine and crashes on its first request, every time
+        config = with_fallbacks(tmp_path, [{"name": "lan", "base_url": url,
+                                            "model": "remote"}], a_flags={"fake-crash-after": 1},
+                                restart={"max_failures": 2, "backoff": "10ms",
+                                         "cooldown": "10m"})
+        async with open_server(config) as running, httpx.AsyncClient(
+                base_url=running.url, timeout=30) as client:
+            statuses: list[int] = []
+            while len(statuses) < 6:  # a 502 per crash, then the circuit opens
+                answer = await client.post("/v1/chat/completions", json=chat("a"))
+                statuses.append(answer.status_code)
+                if answer.status_code == 200:
+                    break
+            assert statuses[-1] == 200 and set(statuses[:-1]) == {502}, statuses
+            assert answer.json()["choices"][0]["message"]["content"].startswith("fake:remote:")
+            assert running.supervisor.stats["crashes"] == 2
+            assert running.supervisor.circuits()["a"]["state"] == "open"
+
+
+async def test_a_profile_that_cannot_start_goes_to_the_fallback_and_a_keeps_serving(
+        tmp_path: Path) -> None:
+    async with remote_upstream("remote") as url:
+        config = json.loads(config_text(tmp_path))
+        config["profiles"]["b"]["model"] = str(tmp_path / "not-downloaded-yet.gguf")
+        config["fallbacks"] = [{"name": "lan", "base_url": url, "model": "remote"}]
+        async with open_server(parse_config(json.dumps(config))) as running, \
+                httpx.AsyncClient(base_url=running.url, timeout=30) as client:
+            pid = (await client.post("/swapd/load", json={"model": "a"})).json()["pid"]
+            answer = await client.post("/v1/chat/completions", json=chat("b"))
+            assert answer.status_code == 200
+            assert answer.json()["choices"][0]["message"]["content"].startswith("fake:remote:")
+            assert running.supervisor.proc.pid == pid  # type: ignore[union-attr]
+            assert running.supervisor.stats["swaps"] == 0

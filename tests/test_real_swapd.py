@@ -96,17 +96,32 @@ async def test_real_start_failures_say_what_to_fix(
     config["profiles"]["missing"] = {"model": str(tmp_path / "nope.gguf")}
     config["profiles"]["badflag"] = {"model": str(tiny_models / "a.gguf"),
                                      "flags": {"no-such-flag": True}}
+    config["profiles"]["badvalue"] = {"model": str(tiny_models / "a.gguf"),
+                                      "flags": {"n-gpu-layers": "lots"}}
+
+    async def ask(model: str) -> httpx.Response:
+        return await client.post("/v1/chat/completions", json={
+            "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+
     async with open_server(parse_config(json.dumps(config))) as running, \
             httpx.AsyncClient(base_url=running.url, timeout=60) as client:
-        for model, exit_text, hint in (
-                ("missing", "exited with code", "model path is a readable GGUF"),
-                ("badflag", "exited with code 1", "run 'swapd check'")):
-            answer = await client.post("/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": "hi"}]})
+        assert (await ask("tiny-b")).status_code == 200
+        pid = running.supervisor.proc.pid  # type: ignore[union-attr]
+        # Refused before tiny-b is stopped: the file, and the flag names (checked
+        # against this binary's --help).
+        for model, texts in (
+                ("missing", ("not started: cannot read", "model path is a readable GGUF")),
+                ("badflag", ("not started: llama-server does not accept --no-such-flag",
+                             "run 'swapd check'"))):
+            answer = await ask(model)
             assert answer.status_code == 503
             message = answer.json()["error"]["message"]
-            assert exit_text in message and hint in message, message
+            assert all(text in message for text in texts), message
+            assert running.supervisor.proc.pid == pid  # type: ignore[union-attr]
+        # What only llama-server can judge still fails with its exit code and a hint.
+        answer = await ask("badvalue")
+        assert answer.status_code == 503
+        message = answer.json()["error"]["message"]
+        assert "exited with code 1" in message and "run 'swapd check'" in message, message
         # a good profile still loads after those failures
-        good = await client.post("/v1/chat/completions", json={
-            "model": "tiny-b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
-        assert good.status_code == 200
+        assert (await ask("tiny-b")).status_code == 200

@@ -31,7 +31,7 @@ from swapd.errors import (
     UnknownModel,
 )
 from swapd.supervisor import IllegalTransition, State, Supervisor
-from tests.support.tiny_gguf import write_tiny_llama
+from tests.support.tiny_gguf import write_header_only, write_tiny_llama
 
 _pids = itertools.count(1000)
 
@@ -99,6 +99,20 @@ class FakeLauncher:
         return [p.name for p in self.launched]
 
 
+class FakePreflight:
+    """Stands in for ``preflight.Preflight``: a verdict per profile, after ``delay``."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.problems: dict[str, str] = {}
+        self.checked: list[str] = []
+
+    async def __call__(self, config: Config, profile: Profile) -> str | None:
+        self.checked.append(profile.name)
+        await trio.sleep(self.delay)
+        return self.problems.get(profile.name)
+
+
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     queue = overrides.get("queue", "max_waiting: 10\n  starvation_bound: 10s")
     timeouts = overrides.get("timeouts", "queue_wait: 60s\n  drain: 5s\n  stop: 2s")
@@ -114,12 +128,14 @@ profiles:
   b: {{model: b.gguf}}
   c: {{model: c.gguf}}
 """
+    write_header_only(*(tmp_path / f"{name}.gguf" for name in "abc"))  # for a real check
     return parse_config(text, base_dir=tmp_path)
 
 
-async def start_supervisor(nursery: trio.Nursery, config: Config,
-                           launcher: FakeLauncher) -> Supervisor:
-    sup = Supervisor(config, launcher=launcher)  # type: ignore[arg-type]
+async def start_supervisor(nursery: trio.Nursery, config: Config, launcher: FakeLauncher,
+                           preflight: FakePreflight | None = None) -> Supervisor:
+    sup = Supervisor(config, launcher=launcher,  # type: ignore[arg-type]
+                     preflight=preflight or FakePreflight())
     await nursery.start(sup.run)
     return sup
 
@@ -475,6 +491,8 @@ profiles:
         assert sup.circuits()["b"]["state"] == "half_open"
         del launcher.failing["b"]
         await use(sup, "b")  # the half-open trial succeeds and closes the circuit
+        assert sup.circuits()["b"]["state"] == "closed"
+        await trio.sleep(61)  # restart.stable_after: up that long, its failures are over
         assert "b" not in sup.circuits()
         assert [e.kind for e in sup.events if e.kind.startswith("circuit")] == [
             "circuit_open", "circuit_closed"]
@@ -654,3 +672,300 @@ async def test_nothing_waits_on_a_supervisor_that_has_stopped(tmp_path: Path,
     with pytest.raises(ShuttingDown):
         await sup.reload(make_config(tmp_path))  # after: the channel is closed
     assert await sup.unload() is True
+
+
+async def crash_on_first_request(sup: Supervisor, name: str) -> None:
+    """One request that the child crashes on, as ``--fake-crash-after 1`` does."""
+    lease = await sup.acquire(name)
+    lease.proc.exit(3)  # type: ignore[attr-defined]
+    with lease.scope:
+        await trio.sleep_forever()  # revoked: the supervisor saw the crash
+    await sup.release(lease)
+
+
+def crash_config(tmp_path: Path, restart: str) -> Config:
+    return parse_config(f"state_dir: {tmp_path}\nrestart: {restart}\n"
+                        "profiles: {a: {model: a.gguf}, b: {model: b.gguf}}\n",
+                        base_dir=tmp_path)
+
+
+async def test_a_child_that_crashes_on_its_first_request_opens_the_circuit(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    config = crash_config(tmp_path, "{max_failures: 3, cooldown: 60s, stable_after: 60s}")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        for _ in range(3):  # each start succeeds; each child dies on its first request
+            await crash_on_first_request(sup, "a")
+        with pytest.raises(CircuitOpen, match="failed 3 times in a row"):
+            await sup.acquire("a")
+        assert len(launcher.launched) == 3
+        assert sup.circuits()["a"]["state"] == "open"
+        await trio.sleep(60)
+        # The half-open trial loads fine and crashes as soon as it serves: that is no
+        # recovery, so the circuit opens again at once instead of counting from zero.
+        await crash_on_first_request(sup, "a")
+        with pytest.raises(CircuitOpen, match="failed 4 times in a row"):
+            await sup.acquire("a")
+        assert len(launcher.launched) == 4
+        assert [e.kind for e in sup.events if e.kind.startswith("circuit")] == [
+            "circuit_open", "circuit_closed", "circuit_open"]
+        await sup.shutdown()
+
+
+async def test_a_stable_run_forgets_earlier_failures(tmp_path: Path,
+                                                     autojump_clock: Any) -> None:
+    config = crash_config(tmp_path, "{max_failures: 2, stable_after: 60s}")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        await crash_on_first_request(sup, "a")
+        await use(sup, "a", hold=30)  # restarted after the backoff; up 30 s: not yet stable
+        assert sup.circuits()["a"]["failures"] == 1
+        await trio.sleep(31)  # up 61 s now
+        assert "a" not in sup.circuits()
+        await crash_on_first_request(sup, "a")  # counts from zero again: 1 of 2
+        assert sup.circuits()["a"] == {"state": "closed", "failures": 1,
+                                       "last_error": "model 'a' exited with code 3 while "
+                                                     "serving"}
+        await use(sup, "a")  # and restarts after the backoff
+        assert len(launcher.launched) == 3
+        await sup.shutdown()
+
+
+async def test_unload_after_a_crash_goes_idle_and_keeps_the_failure_count(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await crash_on_first_request(sup, "a")
+        assert sup.state is State.FAILED
+        assert await sup.unload() is True
+        assert sup.state is State.IDLE
+        # What unload does not touch: the failure record (backoff, circuit) and the
+        # last error, which are facts about the profile, not about the process.
+        assert sup.circuits()["a"]["failures"] == 1
+        assert isinstance(sup.last_error, ModelCrashed)
+        await use(sup, "a")  # and the next request starts it as from idle
+        assert sup.state is State.READY and len(launcher.launched) == 2
+        await sup.shutdown()
+
+
+async def test_unload_that_does_not_finish_in_time_says_so(tmp_path: Path,
+                                                           autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        await use(sup, "a")
+        proc = launcher.launched[0]
+
+        async def stop_that_hangs(grace: float) -> int | None:
+            await trio.sleep(1000)  # say, a stop stuck in uninterruptible I/O
+            proc.exit(0)
+            return 0
+
+        proc.stop = stop_that_hangs  # type: ignore[method-assign]
+        assert await sup.unload() is False
+        assert sup.state is State.STOPPING
+        await sup.shutdown()
+
+
+async def test_reload_removing_a_profile_while_it_starts_stops_it(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=5.0)
+    failed: list[Exception] = []
+
+    async def wait_for(name: str) -> None:
+        try:
+            await use(sup, name)
+        except UnknownModel as error:
+            failed.append(error)
+
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        nursery.start_soon(wait_for, "a")
+        await trio.sleep(1)
+        assert sup.state is State.STARTING
+        await sup.reload(reloaded(tmp_path, "  b: {model: b.gguf}\n"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert [type(e) for e in failed] == [UnknownModel]  # its waiter: 404, not a hang
+        await trio.sleep(10)  # well past its load time
+        assert sup.state is State.IDLE and sup.active is None and sup.proc is None
+        assert not launcher.launched[0].alive  # not left loaded, hidden from the catalog
+        with pytest.raises(NoModelLoaded):  # so nothing serves model-less requests
+            await sup.acquire(None)
+        await sup.shutdown()
+
+
+async def test_reload_changing_a_profile_while_it_starts_restarts_it_as_changed(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=5.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        async with trio.open_nursery() as clients:
+            clients.start_soon(use, sup, "a")  # waits through the reload
+            await trio.sleep(1)
+            new = reloaded(tmp_path, "  a: {model: a.gguf, flags: {ctx-size: 512}}\n")
+            await sup.reload(new)
+            lease = await sup.acquire("a")
+        assert lease.profile == new.profiles["a"]  # the new definition, not the old one
+        assert len(launcher.launched) == 2 and not launcher.launched[0].alive
+        await sup.release(lease)
+        await sup.shutdown()
+
+
+async def test_a_model_less_request_is_not_queued_for_a_removed_profile(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        lease = await sup.acquire("a")
+        await sup.reload(reloaded(tmp_path, "  b: {model: b.gguf}\n"))
+        assert sup.state is State.READY  # a still holds its request
+        with pytest.raises(UnknownModel, match="'a' is not configured"):
+            await sup.acquire(None)  # it would mean a, which is going away
+        await sup.release(lease)
+        await trio.sleep(1)
+        assert sup.state is State.IDLE
+        await use(sup, "b")  # and the supervisor is still alive to serve the rest
+        await sup.shutdown()
+
+
+BAD_MODEL = ("not started: cannot read b.gguf: No such file or directory (check that the "
+             "profile's model path is a readable GGUF file)")
+
+
+async def test_a_profile_that_cannot_start_leaves_the_running_model_alone(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=1.0)
+    preflight = FakePreflight(delay=2.0)  # a slow check (the first --help of a binary)
+    preflight.problems["b"] = BAD_MODEL
+    refused: list[Exception] = []
+
+    async def ask_for_b() -> None:
+        try:
+            await use(sup, "b")
+        except LocalFailed as error:
+            refused.append(error)
+
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher, preflight)
+        await use(sup, "a")
+        (a_proc,) = launcher.launched
+        async with trio.open_nursery() as clients:
+            clients.start_soon(ask_for_b)
+            await trio.sleep(1)  # mid-check: the loop answers, a keeps serving newcomers
+            before = trio.current_time()
+            await use(sup, "a")
+            assert trio.current_time() == before and sup.n_waiting == 1
+        (error,) = refused
+        assert str(error) == f"profile 'b': {BAD_MODEL}" and error.status == 503
+        assert launcher.names == ["a"] and a_proc.alive  # nothing was stopped or started
+        assert sup.state is State.READY and sup.proc is a_proc
+        assert sup.status()["last_error"]["message"] == f"profile 'b': {BAD_MODEL}"
+        assert sup.circuits()["b"]["failures"] == 1  # it counts for b's circuit
+        for _ in range(2):  # restart.max_failures (3) refusals open it
+            with pytest.raises(LocalFailed):
+                await sup.acquire("b")
+        with pytest.raises(CircuitOpen):
+            await sup.acquire("b")
+        assert preflight.checked == ["a", "b", "b", "b"] and a_proc.alive
+        await use(sup, "a")
+        await sup.shutdown()
+
+
+async def test_every_start_is_checked_and_a_fixed_profile_starts(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=1.0)
+    preflight = FakePreflight()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher, preflight)
+        await use(sup, "a")
+        await use(sup, "b")
+        preflight.problems["a"] = "not started: llama-server does not accept --bogus"
+        with pytest.raises(LocalFailed, match="--bogus"):
+            await sup.acquire("a")  # checked again at its next start, not remembered
+        assert sup.active is not None and sup.active.name == "b"
+        del preflight.problems["a"]  # the file or the flags were fixed
+        await use(sup, "a")
+        assert launcher.names == ["a", "b", "a"]
+        # A start from idle checks first; a swap checks before draining (then again,
+        # from the cache, as it starts): b, b, and for a the refusal, then a, a.
+        assert preflight.checked == ["a", "b", "b", "a", "a", "a"]
+        await sup.shutdown()
+
+
+async def test_from_idle_a_start_that_fails_its_check_spawns_nothing(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    preflight = FakePreflight()
+    preflight.problems["b"] = BAD_MODEL
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher, preflight)
+        with pytest.raises(LocalFailed, match=r"not started: cannot read b\.gguf"):
+            await sup.acquire("b")
+        assert launcher.launched == [] and sup.state is State.FAILED
+        assert sup.history[-1]["result"] == "failed"
+        await sup.shutdown()
+
+
+async def test_a_child_that_dies_as_it_becomes_ready_is_a_failed_start(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    class DiesAfterReady(FakeProc):
+        async def wait_ready(self, start_timeout: float, interval: float) -> None:
+            await super().wait_ready(start_timeout, interval)
+            self.exit(-11)  # e.g. while its prompt cache is being restored
+            await trio.sleep(0.5)
+
+    class Launcher(FakeLauncher):
+        def __call__(self, config: Config, profile: Profile, log: Any,
+                     extra_argv: Any = ()) -> FakeProc:
+            proc = DiesAfterReady(profile, self.load_time, None)
+            self.launched.append(proc)
+            return proc
+
+    launcher = Launcher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        with pytest.raises(LocalFailed, match="was killed by SIGSEGV right after it "
+                                              "became ready"):
+            await sup.acquire("a")  # not a lease on a dead child
+        assert sup.state is State.FAILED and sup.proc is None
+        assert sup.circuits()["a"]["failures"] == 1
+        await sup.shutdown()
+
+
+async def test_a_drain_whose_reason_left_is_called_off(tmp_path: Path,
+                                                       autojump_clock: Any) -> None:
+    config = make_config(tmp_path, queue="starvation_bound: 1s",
+                         timeouts="drain: 5s\n  queue_wait: 60s")
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        long_request = await sup.acquire("a")
+        with pytest.raises(QueueTimeout):
+            await sup.acquire("b", queue_wait=2)  # a drains for it after 1 s, then it leaves
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.serving("a")  # nobody else waits: a takes newcomers again
+        await use(sup, "a")
+        await trio.sleep(10)  # past the drain deadline: nothing is cut
+        assert not long_request.scope.cancel_called and sup.state is State.READY
+        await sup.release(long_request)
+        assert launcher.names == ["a"]
+        await sup.shutdown()
+
+
+async def test_a_removed_profile_that_crashes_leaves_no_circuit_behind(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        lease = await sup.acquire("a")
+        await sup.reload(reloaded(tmp_path, "  b: {model: b.gguf}\n"))
+        launcher.launched[0].exit(139)
+        with lease.scope:
+            await trio.sleep_forever()
+        await sup.release(lease)
+        assert sup.state is State.IDLE  # the unload its removal asked for is done
+        assert sup.circuits() == {}  # no circuit, no metric for a profile that is gone
+        await sup.shutdown()

@@ -38,6 +38,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from swapd.config import parse_config
 from swapd.serve import open_server
 from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.tiny_gguf import write_header_only
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -59,6 +60,8 @@ T = TypeVar("T")
 
 
 def ui_config(tmp_path: Path) -> str:
+    # Header-only model files: swapd checks a model file is a GGUF before starting it.
+    write_header_only(*(tmp_path / name for name in ("qwen.gguf", "llama.gguf", "embed.gguf")))
     config = {
         "listen": "127.0.0.1:0",
         "state_dir": str(tmp_path / "state"),

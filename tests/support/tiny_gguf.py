@@ -148,5 +148,17 @@ def write_tiny_llama(
     return path
 
 
+HEADER_ONLY = b"GGUF" + (3).to_bytes(4, "little") + bytes(16)
+"""A GGUF v3 with no tensors and no metadata: 24 bytes, no model to run."""
+
+
+def write_header_only(*paths: Path) -> None:
+    """Stand-in model files for children that never open them (the fake llama-server):
+    enough for swapd's check that a profile's model file is a readable GGUF."""
+    for path in paths:
+        if not path.exists():
+            path.write_bytes(HEADER_ONLY)
+
+
 if __name__ == "__main__":
     print(write_tiny_llama(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"))
