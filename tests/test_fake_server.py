@@ -20,6 +20,8 @@ import httpx
 import pytest
 import trio
 
+from swapd.footprint import Footprint
+from swapd.process import diagnose
 from tests.support.procs import (
     MARKER_VAR,
     ServerProcess,
@@ -470,3 +472,27 @@ async def test_help_lists_real_and_fake_flags_and_version_exits_0(
         assert re.search(rf"^{re.escape(option)}\s{{2,}}", text, re.MULTILINE), option
     assert "--no-mmap" not in text  # rejected by this llama-server build, so not listed
     assert version.stderr.startswith(b"version: ")
+
+
+async def test_the_simulated_gpu_prints_buffers_and_refuses_a_load_past_its_size(
+        fake_server_cmd: list[str], tmp_path: Path) -> None:
+    gpu = ["--fake-gpu-file", str(tmp_path / "gpu0"), "--fake-gpu-mib", "1000"]
+    async with running_fake(fake_server_cmd, "--fake-vram-mib", "600", *gpu) as first, \
+            httpx.AsyncClient() as client:
+        with trio.fail_after(DEADLINE_S):
+            await first.wait_healthy(client)
+        footprint = Footprint.parse(first.stderr_text.splitlines())
+        assert footprint is not None
+        assert footprint.on_gpus() == {"CUDA0": 600 * 2**20}
+        # 600 + 300 fits beside it; 600 + 500 does not, and dies as llama-server does.
+        async with running_fake(fake_server_cmd, "--fake-vram-mib", "300", *gpu) as second:
+            with trio.fail_after(DEADLINE_S):
+                await second.wait_healthy(client)
+            async with running_fake(fake_server_cmd, "--fake-vram-mib", "500", *gpu) as third:
+                with trio.fail_after(DEADLINE_S):
+                    await third.process.wait()
+                    await third.wait_for_stderr("failed to load model")
+                assert third.process.returncode == 1
+                assert "CUDA error: out of memory" in third.stderr_text
+                assert "failed to load model" in third.stderr_text
+                assert diagnose(third.stderr_text.splitlines()).startswith(" (not enough")

@@ -71,6 +71,17 @@ Fault flags (all optional):
 ``--fake-tokens N``             tokens per answer (default 8; ``max_tokens`` caps it).
 ``--fake-token-delay-ms D``     pause between tokens (default 0); non-streamed answers wait
                                 for all their tokens.
+
+A simulated GPU, for residency tests (several models on one budget):
+
+``--fake-vram-mib N``           the model "allocates" N MiB on CUDA0 while it loads: the
+                                fake prints llama-server's buffer lines for it (model, KV,
+                                compute: 80/15/5 %) as a CUDA build does.
+``--fake-gpu-file PATH``        a ledger shared by every fake on one simulated GPU (each
+                                live fake's pid and MiB, under an flock); with
+``--fake-gpu-mib M``            the GPU's size: a load that would take the live fakes past
+                                M MiB fails like llama-server does on a full GPU (``CUDA
+                                error: out of memory`` ... ``failed to load model``, exit 1).
 """
 
 from __future__ import annotations
@@ -107,6 +118,9 @@ _VALUE_FLAGS = {
     "--fake-linger-on-stream": "linger_ms",
     "--fake-tokens": "tokens",
     "--fake-token-delay-ms": "token_delay_ms",
+    "--fake-vram-mib": "vram_mib",
+    "--fake-gpu-file": "gpu_file",
+    "--fake-gpu-mib": "gpu_mib",
 }
 # Bare flags: (attribute, value).
 _BOOL_FLAGS = {
@@ -121,7 +135,7 @@ _BOOL_FLAGS = {
 }
 _INT_OPTIONS = ("port", "ctx_size", "parallel", "tokens", "exit_at_start", "crash_after",
                 "crash_mid_stream")
-_FLOAT_OPTIONS = ("load_ms", "token_delay_ms", "linger_ms")
+_FLOAT_OPTIONS = ("load_ms", "token_delay_ms", "linger_ms", "vram_mib", "gpu_mib")
 
 
 class Options:
@@ -138,6 +152,9 @@ class Options:
         self.log_timestamps = True
         self.log_disable = False
         self.load_ms = 0.0
+        self.vram_mib = 0.0
+        self.gpu_file = ""
+        self.gpu_mib = 0.0
         self.never_healthy = False
         self.exit_at_start: int | None = None
         self.stderr_text = ""
@@ -731,6 +748,48 @@ class Shutdown:
         os._exit(0)
 
 
+def _allocate_vram(opts: Options) -> None:
+    """Take ``--fake-vram-mib`` of the simulated GPU, or die of OOM as llama-server does."""
+    if opts.gpu_file and opts.gpu_mib:
+        import fcntl
+
+        with open(opts.gpu_file, "a+") as ledger:
+            fcntl.flock(ledger, fcntl.LOCK_EX)
+            ledger.seek(0)
+            live = {}
+            for line in ledger.read().split():
+                pid, _, mib = line.partition(":")
+                if pid.isdigit() and _alive(int(pid)):
+                    live[int(pid)] = float(mib)
+            used = sum(live.values())
+            if used + opts.vram_mib > opts.gpu_mib:
+                Log.write("E", f"ggml_backend_cuda_buffer_type_alloc_buffer: allocating "
+                               f"{opts.vram_mib:.2f} MiB on device 0: cudaMalloc failed: "
+                               f"out of memory ({used:.0f} of {opts.gpu_mib:.0f} MiB in use)")
+                Log.write("E", "CUDA error: out of memory")
+                Log.write("E", "llama_model_load: error loading model: unable to allocate "
+                               "CUDA0 buffer")
+                Log.srv("E", "load_model", f"failed to load model, '{opts.model}'")
+                os._exit(1)
+            live[os.getpid()] = opts.vram_mib
+            ledger.seek(0)
+            ledger.truncate()
+            ledger.write(" ".join(f"{pid}:{mib}" for pid, mib in live.items()))
+    for kind, share in (("model", 0.80), ("KV", 0.15), ("compute", 0.05)):
+        Log.write("I", f"load_tensors:        CUDA0 {kind} buffer size = "
+                       f"{opts.vram_mib * share:10.2f} MiB")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def _sweep_idle(server: FakeServer) -> None:
     """Close keep-alive connections idle for longer than the advertised timeout."""
     while True:
@@ -753,6 +812,8 @@ async def _serve(opts: Options, sock: socket.socket) -> None:
         await asyncio.Event().wait()
     if opts.load_ms > 0:
         await asyncio.sleep(opts.load_ms / 1000)
+    if opts.vram_mib:
+        _allocate_vram(opts)
     Log.srv("I", "load_model", f"initializing, n_slots = {opts.parallel}, "
                                f"n_ctx_slot = {opts.ctx_size}, kv_unified = 'true'")
     server.ready = True
@@ -862,6 +923,9 @@ _FAKE_HELP = (
     ("--fake-grandchild", "spawn a grandchild holding the listening socket"),
     ("--fake-tokens N", "tokens per answer (default: 8)"),
     ("--fake-token-delay-ms D", "delay between tokens (default: 0)"),
+    ("--fake-vram-mib N", "allocate N MiB on the simulated CUDA0 (prints buffer lines)"),
+    ("--fake-gpu-file PATH", "the simulated GPU's ledger, shared by every fake on it"),
+    ("--fake-gpu-mib M", "the simulated GPU's size: a load past it dies of OOM"),
 )
 
 
