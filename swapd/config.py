@@ -544,13 +544,17 @@ class LlamaServer:
 
 @attrs.frozen
 class Timeouts:
-    """Deadlines, in seconds. ``health_interval`` is the readiness poll of ``/health``."""
+    """Deadlines, in seconds. ``health_interval`` is the readiness poll of ``/health``.
+    ``body``, ``send`` and ``headers`` bound what swapd waits for from its clients."""
 
     start: PositiveSeconds = 120.0
     stop: PositiveSeconds = 10.0
     queue_wait: PositiveSeconds = 120.0
     drain: Seconds = 30.0
     health_interval: PositiveSeconds = 0.02
+    body: PositiveSeconds = 30.0
+    send: PositiveSeconds = 30.0
+    headers: PositiveSeconds = 5.0
 
 
 @attrs.frozen
@@ -604,11 +608,22 @@ class Security:
     admin_key_env: EnvName | None = None
     admin_key_file: Path | None = None
     max_body: PositiveBytes = 32 * 2**20
+    max_pending_bodies: PositiveBytes | None = None
+    """Bytes of request bodies still being received, all requests together; None:
+    twice ``max_body``, so two bodies of the largest size can arrive at once."""
 
     def __attrs_post_init__(self) -> None:
         for kind in ("api_key", "admin_key"):
             if getattr(self, f"{kind}_env") and getattr(self, f"{kind}_file"):
                 raise _Problem(f"set {kind}_env or {kind}_file, not both")
+        if self.max_pending_bodies is not None and self.max_pending_bodies < self.max_body:
+            raise _Problem(f"must be at least max_body ({self.max_body} bytes), got "
+                           f"{self.max_pending_bodies}", at="max_pending_bodies",
+                           hint="or no body of the largest allowed size could be received")
+
+    @property
+    def pending_bodies_limit(self) -> int:
+        return 2 * self.max_body if self.max_pending_bodies is None else self.max_pending_bodies
 
 
 @attrs.frozen

@@ -76,6 +76,11 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
                       "cuts them.",
     "timeouts.health_interval": "Readiness poll interval while a model loads (the "
                                 "child's 'listening' line also wakes the poll).",
+    "timeouts.body": "A request's whole body must arrive within this; then 408.",
+    "timeouts.send": "A client that reads nothing of its answer for this long is cut off "
+                     "and its model lease returns.",
+    "timeouts.headers": "A connection must send a complete request head within this; "
+                        "also the keep-alive idle time.",
     "queue": "Requests waiting for a model.",
     "queue.max_waiting": "Requests that may wait for a model in all; the next gets 429 "
                          "with Retry-After.",
@@ -105,6 +110,9 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
                               "an API key.",
     "security.admin_key_file": "Or a file of admin keys, one per line.",
     "security.max_body": "Larger request bodies get 413.",
+    "security.max_pending_bodies": "Memory for request bodies still arriving, all "
+                                   "requests together; past it 503 with Retry-After. "
+                                   "Default: twice max_body.",
     "cache": "Warm return: prompt caches saved before a swap, restored after.",
     "cache.keep": "Save each profile's prompt caches before it is swapped out and restore "
                   "them when it comes back; a profile's keep_cache overrides this.",

@@ -93,6 +93,12 @@ class ChildResponse:
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_raw()])
 
+    def abort(self) -> None:
+        """Close the connection now, from any task: the child stops generating."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            _close(connection)
+
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
