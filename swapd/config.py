@@ -544,17 +544,35 @@ class LlamaServer:
 
 @attrs.frozen
 class Timeouts:
-    """Deadlines, in seconds. ``health_interval`` is the readiness poll of ``/health``.
-    ``body``, ``send`` and ``headers`` bound what swapd waits for from its clients."""
+    """Deadlines, in seconds. ``health_interval`` is the readiness poll of ``/health``
+    while a model loads; ``health_check`` the liveness probe of a ready one (0 = off).
+
+    ``first_byte`` and ``upstream_idle`` bound the silences of the child's answers:
+    until the first byte of an answer's body (prompt processing, and the whole
+    generation of a non-streamed answer) and then between two reads. A profile may set
+    its own (``profiles.NAME.timeouts``). ``body``, ``send`` and ``headers`` bound what
+    swapd waits for from its clients."""
 
     start: PositiveSeconds = 120.0
     stop: PositiveSeconds = 10.0
     queue_wait: PositiveSeconds = 120.0
     drain: Seconds = 30.0
     health_interval: PositiveSeconds = 0.02
+    health_check: Seconds = 10.0
+    health_check_timeout: PositiveSeconds = 5.0
+    first_byte: PositiveSeconds = 600.0
+    upstream_idle: PositiveSeconds = 120.0
     body: PositiveSeconds = 30.0
     send: PositiveSeconds = 30.0
     headers: PositiveSeconds = 5.0
+
+
+@attrs.frozen
+class AnswerTimeouts:
+    """A profile's own deadlines for its child's answers; None keeps the global one."""
+
+    first_byte: PositiveSeconds | None = None
+    upstream_idle: PositiveSeconds | None = None
 
 
 @attrs.frozen
@@ -656,6 +674,7 @@ class Profile:
     flags: Flags = attrs.field(default=FrozenDict(), converter=_freeze_flags)
     description: str | None = None
     keep_cache: bool | None = None  # None: cache.keep
+    timeouts: AnswerTimeouts = attrs.field(factory=AnswerTimeouts)
 
     @property
     def label(self) -> str:
@@ -733,6 +752,13 @@ class Config:
             if name == fallback.model:
                 return fallback
         return None
+
+    def answer_timeouts(self, profile: Profile) -> tuple[float, float]:
+        """``(first_byte, upstream_idle)`` for ``profile``'s answers: its own, else global."""
+        own = profile.timeouts
+        return (self.timeouts.first_byte if own.first_byte is None else own.first_byte,
+                self.timeouts.upstream_idle if own.upstream_idle is None
+                else own.upstream_idle)
 
     def model_names(self) -> list[str]:
         """Every name a client may use: each profile then its aliases, then fallbacks."""

@@ -281,11 +281,13 @@ class InferenceProxy:
         ex.lease = lease
         try:
             failure: str | None = None
+            first_byte, idle = self.config.answer_timeouts(lease.profile)
             with lease.scope:
                 try:
                     response = await lease.proc.pool.request(
                         ex.scope["method"], _target(ex.scope),
-                        forwardable(ex.scope["headers"], _DROP_REQUEST), ex.body)
+                        forwardable(ex.scope["headers"], _DROP_REQUEST), ex.body,
+                        first_byte_timeout=first_byte, idle_timeout=idle)
                 except UpstreamError as error:
                     failure = f"model {lease.profile.name!r} did not answer: {error}"
                 else:

@@ -1,30 +1,52 @@
-"""Nothing waits forever on a client that stalls.
+"""Nothing waits forever on a peer that stopped: a hung child, a client that stalls.
 
+* A llama-server that stops answering (SIGSTOP, a deadlock) ends its requests with a 502
+  or an in-band error and is killed and replaced; an answer that goes silent is cut at
+  ``timeouts.first_byte`` / ``timeouts.upstream_idle``.
 * A client that sends its headers and then stalls gets 408 at ``timeouts.body``, and all
   the bodies still arriving share one memory budget (``security.max_pending_bodies``).
 * A client that stops reading its answer gives its lease back: at once when it closes or
   half-closes, within ``timeouts.send`` when it just stops.
 
-Timing logic runs on the fake clock (``BodyReader`` here); the end-to-end tests use
-short configured deadlines and assert outcomes, never elapsed times.
+Timing logic runs on the fake clock (``BodyReader`` here, the health probe in
+``test_supervisor.py``, the upstream deadlines in ``test_upstream.py``); the end-to-end
+tests use short configured deadlines and assert outcomes, never elapsed times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import h11
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from swapd.config import parse_config
 from swapd.proxy import BodyReader, Message, RequestError
-from swapd.serve import Running
-from tests.test_api import chat, swapd
+from swapd.serve import Running, open_server
+from tests.test_api import chat, config_text, sse_events, swapd
+
+
+@contextlib.asynccontextmanager
+async def swapd_with_profiles(tmp_path: Path, profiles: dict[str, dict[str, Any]],
+                              **kwargs: Any) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
+    """``test_api.swapd`` with more settings in some profiles."""
+    data = json.loads(config_text(tmp_path, **kwargs))
+    for name, settings in profiles.items():
+        data["profiles"][name].update(settings)
+    config = parse_config(json.dumps(data), base_dir=tmp_path)
+    async with open_server(config) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=30) as client:
+        yield running, client
 
 # -- request bodies -------------------------------------------------------------------
 
@@ -251,4 +273,91 @@ async def test_a_client_that_stops_reading_gives_its_lease_back(tmp_path: Path,
         assert other.json()["choices"][0]["message"]["content"].startswith("fake:b:")
         await stream.aclose()
 
+
+# -- a child that stops ---------------------------------------------------------------
+
+
+async def test_a_stopped_child_ends_its_requests_and_is_replaced(tmp_path: Path) -> None:
+    """SIGSTOP the child while it streams one answer and generates another: both end
+    with its failure (in-band / 502), it is killed, not left stopped, and the next
+    request gets a new one."""
+    async with swapd(tmp_path,
+                     timeouts={"health_check": "300ms", "health_check_timeout": "300ms",
+                               "first_byte": "5m", "upstream_idle": "5m"},
+                     restart={"backoff": "0s"},
+                     a_flags={"fake-tokens": 100_000, "fake-token-delay-ms": 20}) as (
+            running, client):
+        sup = running.supervisor
+        stopped_pid: int | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                answers: dict[str, Any] = {}
+
+                async def plain() -> None:
+                    answers["plain"] = await client.post("/v1/chat/completions",
+                                                         json=chat("a"))
+
+                async with client.stream("POST", "/v1/chat/completions",
+                                         json=chat("a", stream=True)) as streamed:
+                    chunks = streamed.aiter_raw()
+                    text = await chunks.__anext__()
+                    while b"fake:a:" not in text:  # until the model itself is answering
+                        text += await chunks.__anext__()
+                    nursery.start_soon(plain)
+                    proc = sup.proc
+                    assert proc is not None
+                    with trio.fail_after(10):
+                        while sup.n_inflight < 2:
+                            await trio.sleep(0.02)
+                    stopped_pid = proc.pid
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    with trio.fail_after(30):
+                        text += b"".join([chunk async for chunk in chunks])
+            _comments, data = sse_events(text.decode())
+            assert data[-1] == "[DONE]"
+            assert "stopped answering its health check" in data[-2]["error"]["message"]
+            assert answers["plain"].status_code == 502
+            error = answers["plain"].json()["error"]
+            assert error["code"] == "model_failed"
+            assert "stopped answering its health check" in error["message"]
+            with trio.fail_after(10):
+                await proc.exited.wait()  # reaped by swapd
+            assert proc.exit_code == -signal.SIGKILL  # killed, not asked: it is stopped
+            with pytest.raises(ProcessLookupError):
+                os.kill(proc.pid, 0)  # gone: not left stopped
+            assert sup.stats["hangs"] == 1
+            assert (await client.get("/swapd/status")).json()["last_error"]["kind"] == "hung"
+            metrics = (await client.get("/metrics")).text
+            assert 'swapd_child_failures_total{kind="hung",profile="a"} 1.0' in metrics
+            with trio.fail_after(30):
+                again = await client.post("/v1/chat/completions",
+                                          json=chat("a", max_tokens=2))
+            assert again.status_code == 200
+            assert sup.proc is not None and sup.proc.pid != proc.pid
+        finally:
+            if stopped_pid is not None:  # never leave a stopped process behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stopped_pid, signal.SIGCONT)
+
+
+async def test_a_silent_answer_is_cut_at_its_deadlines(tmp_path: Path) -> None:
+    """No byte for ``first_byte`` before the body, or for ``upstream_idle`` between
+    reads: 502 ``model_failed``, or an in-band error once the 200 is out. Each profile
+    may set its own; the health probe is off, so only these deadlines act."""
+    async with swapd_with_profiles(
+            tmp_path, {"a": {"timeouts": {"first_byte": "300ms"}},
+                       "b": {"timeouts": {"upstream_idle": "300ms"}}},
+            timeouts={"health_check": 0}, a_flags={"fake-token-delay-ms": 3000},
+            b_flags={"fake-token-delay-ms": 3000}) as (running, client):
+        plain = await client.post("/v1/chat/completions", json=chat("a"))
+        assert plain.status_code == 502
+        error = plain.json()["error"]
+        assert error["code"] == "model_failed"
+        assert "timeouts.first_byte" in error["message"]
+        assert running.supervisor.proc is not None  # the child itself is not blamed
+        streamed = await client.post("/v1/chat/completions", json=chat("b", stream=True))
+        assert streamed.status_code == 200
+        _comments, data = sse_events(streamed.text)
+        assert data[-1] == "[DONE]"
+        assert "timeouts.upstream_idle" in data[-2]["error"]["message"]
 
