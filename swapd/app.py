@@ -43,6 +43,7 @@ from .proxy import (
     Send,
     error_body,
     parse_json_object,
+    replay_body,
     send_error,
 )
 from .supervisor import Supervisor
@@ -126,7 +127,9 @@ class Frontend:
 def create_app(frontend: Frontend) -> Any:
     app = QuartTrio(__name__, static_folder=None)
     # Generations and streams last as long as they last; queue_wait bounds the waiting.
-    app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=None,
+    # Bodies reach Quart already read (BodyReader, within timeouts.body): its own
+    # BODY_TIMEOUT is only a second line.
+    app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=frontend.config.timeouts.body,
                       MAX_CONTENT_LENGTH=frontend.config.security.max_body)
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
@@ -179,7 +182,19 @@ def create_app(frontend: Frontend) -> Any:
                                           or scope["path"] in NATIVE_POSTS):
             await proxy(scope, receive, send)
         else:
-            await quart(scope, receive, send)
+            await to_quart(scope, receive, send)
+
+    async def to_quart(scope: Scope, receive: Receive, send: Send) -> None:
+        """Quart buffers every body as it comes, with no deadline of its own that holds
+        while no route reads it: read it here, like the proxy does, then replay it."""
+        try:
+            body = await proxy.bodies.read(scope, receive)
+        except RequestError as error:
+            await send_error(send, error.status, str(error), error.type, error.code,
+                             error.headers())
+            return
+        if body is not None:  # None: the client left before it finished sending
+            await quart(scope, replay_body(body, receive), send)
 
     asgi.quart = app  # type: ignore[attr-defined]
     return asgi

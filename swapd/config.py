@@ -576,13 +576,35 @@ class LlamaServer:
 
 @attrs.frozen
 class Timeouts:
-    """Deadlines, in seconds. ``health_interval`` is the readiness poll of ``/health``."""
+    """Deadlines, in seconds. ``health_interval`` is the readiness poll of ``/health``
+    while a model loads; ``health_check`` the liveness probe of a ready one (0 = off).
+
+    ``first_byte`` and ``upstream_idle`` bound the silences of the child's answers:
+    until the first byte of an answer's body (prompt processing, and the whole
+    generation of a non-streamed answer) and then between two reads. A profile may set
+    its own (``profiles.NAME.timeouts``). ``body``, ``send`` and ``headers`` bound what
+    swapd waits for from its clients."""
 
     start: PositiveSeconds = 120.0
     stop: PositiveSeconds = 10.0
     queue_wait: PositiveSeconds = 120.0
     drain: Seconds = 30.0
     health_interval: PositiveSeconds = 0.02
+    health_check: Seconds = 10.0
+    health_check_timeout: PositiveSeconds = 5.0
+    first_byte: PositiveSeconds = 600.0
+    upstream_idle: PositiveSeconds = 120.0
+    body: PositiveSeconds = 30.0
+    send: PositiveSeconds = 30.0
+    headers: PositiveSeconds = 5.0
+
+
+@attrs.frozen
+class AnswerTimeouts:
+    """A profile's own deadlines for its child's answers; None keeps the global one."""
+
+    first_byte: PositiveSeconds | None = None
+    upstream_idle: PositiveSeconds | None = None
 
 
 @attrs.frozen
@@ -639,11 +661,22 @@ class Security:
     admin_key_env: EnvName | None = None
     admin_key_file: Path | None = None
     max_body: PositiveBytes = 32 * 2**20
+    max_pending_bodies: PositiveBytes | None = None
+    """Bytes of request bodies still being received, all requests together; None:
+    twice ``max_body``, so two bodies of the largest size can arrive at once."""
 
     def __attrs_post_init__(self) -> None:
         for kind in ("api_key", "admin_key"):
             if getattr(self, f"{kind}_env") and getattr(self, f"{kind}_file"):
                 raise _Problem(f"set {kind}_env or {kind}_file, not both")
+        if self.max_pending_bodies is not None and self.max_pending_bodies < self.max_body:
+            raise _Problem(f"must be at least max_body ({self.max_body} bytes), got "
+                           f"{self.max_pending_bodies}", at="max_pending_bodies",
+                           hint="or no body of the largest allowed size could be received")
+
+    @property
+    def pending_bodies_limit(self) -> int:
+        return 2 * self.max_body if self.max_pending_bodies is None else self.max_pending_bodies
 
 
 @attrs.frozen
@@ -713,6 +746,7 @@ class Profile:
     preload: bool = False  # loaded at start, evictable like any other
     gpu: GpuChoice = attrs.field(default=(), converter=_int_tuple)  # () = auto
     memory: PositiveBytes | None = None  # footprint when the estimate cannot size it
+    timeouts: AnswerTimeouts = attrs.field(factory=AnswerTimeouts)
 
     @property
     def label(self) -> str:
@@ -809,6 +843,13 @@ class Config:
             if name == fallback.model:
                 return fallback
         return None
+
+    def answer_timeouts(self, profile: Profile) -> tuple[float, float]:
+        """``(first_byte, upstream_idle)`` for ``profile``'s answers: its own, else global."""
+        own = profile.timeouts
+        return (self.timeouts.first_byte if own.first_byte is None else own.first_byte,
+                self.timeouts.upstream_idle if own.upstream_idle is None
+                else own.upstream_idle)
 
     def model_names(self) -> list[str]:
         """Every name a client may use: each profile then its aliases, then fallbacks."""

@@ -7,6 +7,7 @@
     │   ├── StartFailed        it exited during start (exit code + stderr tail)
     │   └── StartTimeout       it was not healthy within ``timeouts.start``
     ├── ModelCrashed           it exited while serving (in-flight requests get 502)
+    │   └── ModelHung          it stopped answering its health check: swapd killed it
     ├── LeaseError             a request could not get its model
     │   ├── UnknownModel       404: no profile, alias or fallback has that name
     │   ├── NoModelLoaded      400: the request named no model and none is loaded
@@ -85,6 +86,17 @@ class ModelCrashed(SwapdError):
         self.stderr_tail = list(stderr_tail)
         super().__init__(
             f"model {profile!r} {how or f'exited with code {exit_code}'} while serving")
+
+
+class ModelHung(ModelCrashed):
+    """The child stopped answering while it was serving; swapd killed it."""
+
+    def __init__(self, profile: str, why: str, stderr_tail: Sequence[str] = ()) -> None:
+        self.profile = profile
+        self.exit_code = None
+        self.stderr_tail = list(stderr_tail)
+        SwapdError.__init__(self, f"model {profile!r} stopped answering its health check "
+                                  f"({why}); swapd killed it")
 
 
 class LeaseError(SwapdError):

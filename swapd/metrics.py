@@ -42,8 +42,9 @@ class Metrics:
                                       registry=r)
         self.load_seconds = Histogram("swapd_load_duration_seconds", "From spawn to healthy",
                                       ["profile"], buckets=SECONDS, registry=r)
-        self.failures = Counter("swapd_child_failures", "Failed starts and crashes",
-                                ["profile", "kind"], registry=r)
+        self.failures = Counter("swapd_child_failures", "Failed starts, crashes and hangs "
+                                "(kind: start_failed, crashed, hung)", ["profile", "kind"],
+                                registry=r)
         self.restarts = Counter("swapd_child_restarts", "Starts after a crash or a failed "
                                 "start of the same profile", ["profile"], registry=r)
         r.register(_LiveState(supervisor))
@@ -91,7 +92,7 @@ class Metrics:
                             self.swaps.labels("ok").inc()
                             self.swap_seconds.observe(trio.current_time() - stopping_since)
                             stopping_since = None
-                    case "start_failed" | "crashed":
+                    case "start_failed" | "crashed" | "hung":
                         failed.add(profile)
                         self.failures.labels(profile, event.kind).inc()
                         if stopping_since is not None and event.kind == "start_failed":

@@ -416,6 +416,26 @@ class LlamaProcess:
                 self.name, f"not healthy within {start_timeout:g}s (timeouts.start)",
                 stderr_tail=list(self.tail)[-15:]) from None
 
+    @property
+    def last_heard(self) -> float:
+        """When the child last sent a byte of any answer (``trio.current_time()``)."""
+        return self.pool.last_heard
+
+    async def answers_health(self, within: float) -> bool:
+        """Whether ``/health`` gets any answer within ``within`` seconds: the liveness
+        probe of a ready child. Any status counts; only silence is a miss."""
+        with trio.move_on_after(within):
+            try:
+                response = await self.pool.request(b"GET", b"/health", [], b"")
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+            except UpstreamError:
+                return False
+            return True
+        return False
+
     async def _healthy(self) -> bool:
         """One ``/health`` poll, over the lean client: polls run every 20 ms of a load."""
         try:
@@ -452,6 +472,9 @@ class LlamaProcess:
                 await self.client.aclose()
             if self.alive:
                 self._signal_group(signal.SIGTERM)
+                # A stopped process (SIGSTOP, a debugger) would only see the SIGTERM when
+                # continued: continue it, so it exits now rather than after the grace.
+                self._signal_group(signal.SIGCONT)
                 with trio.move_on_after(grace):
                     await self.wait_exit()
             if self.alive:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import quote, quote_from_bytes
 
@@ -68,12 +69,111 @@ SSE_HEADERS = [
 
 
 class RequestError(Exception):
-    """A request swapd refuses before any upstream is involved (400, 413)."""
+    """A request swapd refuses before any upstream is involved (400, 408, 413, 503)."""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, status: int, message: str, code: str, *,
+                 type_: str = "invalid_request_error", retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.type = type_
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(self.retry_after).encode())]
+
+
+class BodyReader:
+    """Reads request bodies within ``timeouts.body`` and a memory budget shared by all
+    requests (``security.max_pending_bodies``).
+
+    Without both, clients that send their headers and then stall each hold a task and
+    up to ``max_body`` of memory for as long as they like. A declared Content-Length is
+    reserved up front, so a body that could never fit is refused before it is read; a
+    chunked body reserves as it grows. What is reserved is given back once the body is
+    complete (or refused): only bodies still arriving count.
+    """
+
+    def __init__(self, config: Callable[[], Config]) -> None:
+        self._config = config
+        self.pending = 0
+        """Bytes reserved by the bodies being received now."""
+
+    async def read(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None if the client left; raises ``RequestError``: 413 too
+        large, 408 not complete within ``timeouts.body``, 503 over the shared budget."""
+        config = self._config()
+        limit = config.security.max_body
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise _too_large(limit)
+        reserved = 0
+        try:
+            reserved = self._reserve(declared or 0, reserved, config)
+            chunks = []
+            size = 0
+            with trio.fail_after(config.timeouts.body):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    if size > reserved:
+                        reserved = self._reserve(size, reserved, config)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except trio.TooSlowError:
+            raise RequestError(408, "the request body did not arrive within "
+                               f"{config.timeouts.body:g}s (timeouts.body)",
+                               "body_timeout") from None
+        finally:
+            self.pending -= reserved
+
+    def _reserve(self, size: int, reserved: int, config: Config) -> int:
+        """Grow one body's reservation from ``reserved`` to ``size`` bytes, or refuse."""
+        budget = config.security.pending_bodies_limit
+        if self.pending + size - reserved > budget:
+            raise RequestError(
+                503, f"swapd is receiving {self.pending} bytes of other request bodies and "
+                f"this one would pass security.max_pending_bodies ({budget} bytes); retry",
+                "server_busy", type_="server_error", retry_after=BUSY_RETRY_AFTER)
+        self.pending += size - reserved
+        return size
+
+
+BUSY_RETRY_AFTER = 1
+"""Retry-After (seconds) of a 503 for a body over ``security.max_pending_bodies``."""
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, f"request body is larger than {limit} bytes "
+                        "(security.max_body)", "body_too_large")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the HTTP server refuses these before they get here
+    return None
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` (already read) once, then the real messages."""
+    first: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return first.pop() if first else await receive()
+
+    return replayed
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:
@@ -97,6 +197,7 @@ class InferenceProxy:
         self.supervisor = supervisor
         self.fallbacks = fallbacks or FallbackChain(())
         self.metrics = metrics or Metrics(supervisor)
+        self.bodies = BodyReader(lambda: self.config)
 
     @property
     def config(self) -> Config:
@@ -111,14 +212,15 @@ class InferenceProxy:
 
     async def _handle(self, ex: _Exchange, receive: Receive) -> None:
         try:
-            body = await self._read_body(receive)
+            body = await self.bodies.read(ex.scope, receive)
             if body is None:
                 return  # the client left before it finished sending
             payload = _parse(body)
             if progress.may_carry_progress(body) and progress.strip_progress(payload):
                 body = encode_json(payload)
         except RequestError as error:
-            await ex.fail(error.status, str(error), "invalid_request_error", error.code)
+            await ex.fail(error.status, str(error), error.type, error.code,
+                          retry_after=error.retry_after)
             return
         ex.body, ex.payload, ex.stream = body, payload, payload.get("stream") is True
         name = payload.get("model")
@@ -130,7 +232,8 @@ class InferenceProxy:
             return
         async with trio.open_nursery() as nursery:
             # Whoever finishes first cancels the other: the exchange or the client leaving.
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope,
+                               partial(self._abandon, ex))
             if isinstance(resolved, Fallback):
                 await self._remote(ex, [resolved], reason=None)
             else:
@@ -138,29 +241,24 @@ class InferenceProxy:
                 await self._local(ex, profile, name or "")
             nursery.cancel_scope.cancel()
 
+    async def _abandon(self, ex: _Exchange) -> None:
+        """The client left: close the upstream and hand the lease back now.
+
+        The exchange is cancelled too, but a send to the client may be stuck where no
+        cancel reaches (hypercorn shields its socket writes; ``timeouts.send`` ends
+        those): the model must not stay leased, nor keep generating, until then.
+        """
+        if ex.upstream is not None:
+            ex.upstream.abort()
+        if ex.lease is not None:
+            await self.supervisor.release(ex.lease)
+
     def _count(self, ex: _Exchange) -> None:
         path = str(ex.scope["path"])
         route = path if path in KNOWN_ROUTES else "/v1/(other)"
         self.metrics.requests.labels(ex.label, route, str(ex.status or 499)).inc()
         if ex.first_byte is not None:
             self.metrics.first_byte.labels(ex.label).observe(ex.first_byte - ex.started)
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        limit = self.config.security.max_body
-        chunks = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"request body is larger than {limit} bytes "
-                                   "(security.max_body)", "body_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     async def _local(self, ex: _Exchange, profile: str | None, model: str) -> None:
         """Serve from the local model, with progress if a streaming chat must wait."""
@@ -181,22 +279,27 @@ class InferenceProxy:
                 await ex.fail(lease.status, str(lease), lease.type, lease.code,
                               retry_after=lease.retry_after)
             return
+        ex.lease = lease
         try:
             failure: str | None = None
+            first_byte, idle = self.config.answer_timeouts(lease.profile)
             with lease.scope:
                 try:
                     response = await lease.proc.pool.request(
                         ex.scope["method"], _target(ex.scope),
-                        forwardable(ex.scope["headers"], _DROP_REQUEST), ex.body)
+                        forwardable(ex.scope["headers"], _DROP_REQUEST), ex.body,
+                        first_byte_timeout=first_byte, idle_timeout=idle)
                 except UpstreamError as error:
                     failure = f"model {lease.profile.name!r} did not answer: {error}"
                 else:
+                    ex.upstream = response
                     failure = await ex.relay(response, lease.profile.name)
             if lease.scope.cancelled_caught:
                 failure = lease.revoked_because or f"model {lease.profile.name!r} went away"
             if failure is not None:
                 await ex.fail(502, failure, "server_error", "model_failed")
         finally:
+            ex.lease = ex.upstream = None
             await self.supervisor.release(lease)
 
     async def _acquire_with_progress(self, ex: _Exchange, profile: str | None,
@@ -287,6 +390,8 @@ class _Exchange:
     status: int = 0
     started: float = attrs.field(factory=trio.current_time)
     first_byte: float | None = None
+    lease: Lease | None = None  # while it holds one
+    upstream: ChildResponse | None = None  # the child's answer, while it is relayed
 
     async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -416,9 +521,11 @@ def _parse(body: bytes) -> dict[str, Any]:
     return payload
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
+                                abandon: Callable[[], Awaitable[None]]) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             scope.cancel()
+            await abandon()
             return

@@ -76,6 +76,20 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
                       "cuts them.",
     "timeouts.health_interval": "Readiness poll interval while a model loads (the "
                                 "child's 'listening' line also wakes the poll).",
+    "timeouts.health_check": "Liveness of a ready model: probe its /health once it sent "
+                             "nothing for this long; 3 unanswered probes in a row = hung, "
+                             "killed and restarted like a crash. 0 = off.",
+    "timeouts.health_check_timeout": "Deadline of each liveness probe.",
+    "timeouts.first_byte": "Longest silence of llama-server before an answer's body "
+                           "begins (prompt processing; a whole non-streamed answer); "
+                           "then 502.",
+    "timeouts.upstream_idle": "Longest silence between reads once an answer's body has "
+                              "begun; then 502 or an in-band error.",
+    "timeouts.body": "A request's whole body must arrive within this; then 408.",
+    "timeouts.send": "A client that reads nothing of its answer for this long is cut off "
+                     "and its model lease returns.",
+    "timeouts.headers": "A connection must send a complete request head within this; "
+                        "also the keep-alive idle time.",
     "queue": "Requests waiting for a model.",
     "queue.max_waiting": "Requests that may wait for a model in all; the next gets 429 "
                          "with Retry-After.",
@@ -107,6 +121,9 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
                               "an API key.",
     "security.admin_key_file": "Or a file of admin keys, one per line.",
     "security.max_body": "Larger request bodies get 413.",
+    "security.max_pending_bodies": "Memory for request bodies still arriving, all "
+                                   "requests together; past it 503 with Retry-After. "
+                                   "Default: twice max_body.",
     "cache": "Warm return: prompt caches saved before a swap, restored after.",
     "cache.keep": "Save each profile's prompt caches before it is swapped out and restore "
                   "them when it comes back; a profile's keep_cache overrides this.",
@@ -129,6 +146,12 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
                            "host and port are swapd's own.",
     "profiles.NAME.description": "Free text for people.",
     "profiles.NAME.keep_cache": "Warm return for this profile; default: cache.keep.",
+    "profiles.NAME.timeouts": "This profile's own answer deadlines; unset keys take the "
+                              "global timeouts.",
+    "profiles.NAME.timeouts.first_byte": "Longest silence before an answer's body begins, "
+                                         "for this profile.",
+    "profiles.NAME.timeouts.upstream_idle": "Longest silence between reads of an answer, "
+                                            "for this profile.",
     "fallbacks[]": "A remote OpenAI-compatible upstream.",
     "fallbacks[].name": "A name clients may also ask for directly.",
     "fallbacks[].base_url": "The upstream's OpenAI base URL, like "

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from pathlib import Path
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from . import process
@@ -52,12 +54,48 @@ class Running:
         return self.urls[0]
 
 
+MAX_HEAD_BYTES = 16 * 1024
+"""Largest request head (request line and headers) accepted; larger ones get 431."""
+
+
+class _HypercornConfig(HypercornConfig):
+    """Hypercorn's config, with a send deadline on every accepted connection.
+
+    Hypercorn writes to a client inside a cancel shield with no deadline, so a client
+    that stops reading (its window at zero) blocks that request's task forever: neither
+    ``http.disconnect`` nor a lease revocation can end it. ``TCP_USER_TIMEOUT`` on the
+    listening socket (accepted sockets inherit it) makes the kernel abort a connection
+    whose sent data has gone unacknowledged, zero-window probes included, for
+    ``send_timeout`` seconds: the blocked write fails and the request ends.
+    """
+
+    send_timeout: float | None = None
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        if self.send_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                    max(1, round(self.send_timeout * 1000)))
+        return sockets
+
+
 def hypercorn_config(config: Config) -> HypercornConfig:
-    hc = HypercornConfig()
+    hc = _HypercornConfig()
     host = config.listen.host
     hc.bind = [f"[{host}]:{config.listen.port}" if ":" in host else
                f"{host}:{config.listen.port}"]
     hc.graceful_timeout = config.timeouts.drain
+    # A connection's idle timer runs from its accept (and from the end of each answer)
+    # until a complete request head arrives: the deadline on slow or stalled headers.
+    hc.keep_alive_timeout = config.timeouts.headers
+    hc.h11_max_incomplete_size = MAX_HEAD_BYTES
+    # Hypercorn's read_timeout bounds *every* read of a connection, including the wait
+    # for a disconnect while a long answer is sent: it would cut long generations. The
+    # body has its own deadline (timeouts.body, BodyReader), writes theirs (send_timeout).
+    hc.read_timeout = None
+    hc.send_timeout = config.timeouts.send
     hc.include_server_header = False
     hc.include_date_header = False  # answers carry llama-server's own Date
     hc.backlog = 4096  # 200 clients connecting at once otherwise wait on SYN retries

@@ -4,8 +4,13 @@ A single trio task (``Supervisor.run``) owns the state machine, the child, the i
 leases and the waiting queue. Everything else talks to it through one bounded memory
 channel: requests send ``Acquire``/``Release``/``Withdraw``, operators ``Unload``/
 ``Shutdown``, and the supervisor's own helper tasks report ``Checked``, ``StartDone``,
-``Stopped`` and ``Exited``. Preflights, starts and stops run in helper tasks so the loop
-keeps answering (and queueing) while a model loads.
+``Stopped``, ``Exited`` and ``Hung``. Preflights, starts and stops run in helper tasks so
+the loop keeps answering (and queueing) while a model loads.
+
+A ready child is also watched for life (``_probe_health``): one that sent nothing for
+``timeouts.health_check`` is asked ``/health``, and ``HEALTH_MISSES`` unanswered probes
+in a row make it ``Hung``: it is killed and handled like a crash (leases revoked, backoff,
+circuit), because a stopped or deadlocked llama-server never exits by itself.
 
 Scheduling, in one function (``_schedule``):
 
@@ -45,6 +50,7 @@ from .errors import (
     LeaseError,
     LocalFailed,
     ModelCrashed,
+    ModelHung,
     NoModelLoaded,
     QueueFull,
     QueueTimeout,
@@ -59,6 +65,9 @@ from .slotcache import SLOT_TIMEOUT, SlotCache
 from .statedir import WriteErrors
 
 log = logging.getLogger(__name__)
+
+HEALTH_MISSES = 3
+"""Liveness probes in a row a ready child may leave unanswered before it counts as hung."""
 
 
 UNLOAD_MARGIN = 10.0
@@ -202,12 +211,20 @@ class Exited:
     proc: process.LlamaProcess
 
 
+@attrs.frozen
+class Hung:
+    """The ready ``proc`` left ``HEALTH_MISSES`` liveness probes in a row unanswered."""
+
+    proc: process.LlamaProcess
+    why: str
+
+
 Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
                     process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
 Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | Checked | StartDone
-           | Phase | Stopped | Exited)
+           | Phase | Stopped | Exited | Hung)
 
 
 @attrs.frozen
@@ -240,7 +257,7 @@ class Supervisor:
         self.last_error_at: float | None = None  # wall clock
         self.events: deque[Event] = deque(maxlen=256)
         self.load_seconds: dict[str, float] = _read_load_times(config)
-        self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0}
+        self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0, "hangs": 0}
         self.health: dict[str, ProfileHealth] = {}
         self.slots = SlotCache(config.state_dir / "slots", config, self.state_writes)
         self.phase: str | None = None
@@ -415,8 +432,8 @@ class Supervisor:
             "load_expected": expected,
             "last_error": None if error is None else {
                 "at": self.last_error_at,
-                "kind": {"StartTimeout": "start_timeout", "ModelCrashed": "crashed"}.get(
-                    type(error).__name__, "start_failed"),
+                "kind": {"StartTimeout": "start_timeout", "ModelCrashed": "crashed",
+                         "ModelHung": "hung"}.get(type(error).__name__, "start_failed"),
                 "profile": error.profile,
                 "message": str(error).splitlines()[0],
                 "exit_code": error.exit_code,
@@ -478,6 +495,9 @@ class Supervisor:
             case StartDone(profile, proc, error):
                 self.phase = None
                 self._on_start_done(profile, proc, error)
+                if proc is not None and proc is self.proc and self.state is State.READY:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._probe_health, proc)
             case Phase(text):
                 self.phase = text
                 self._publish("phase", text=text)
@@ -492,6 +512,8 @@ class Supervisor:
                     self._publish("stopped", profile=proc.name, exit_code=proc.exit_code)
             case Exited(proc):
                 self._on_exited(proc)
+            case Hung(proc, why):
+                self._on_hung(proc, why)
 
     def _on_acquire(self, name: str | None, waiter: Waiter) -> None:
         if self._shutting_down:
@@ -694,6 +716,28 @@ class Supervisor:
         self._draining_since = None
         self._transition(State.FAILED)
         self._publish("crashed", profile=proc.name, exit_code=proc.exit_code)
+        self._record_failure(proc.name, str(error))
+
+    def _on_hung(self, proc: process.LlamaProcess, why: str) -> None:
+        """A ready child stopped answering: kill it and treat it like a crash."""
+        if proc is not self.proc or self.state is not State.READY:
+            return  # it already exited or is being stopped
+        error = ModelHung(proc.name, why, list(proc.tail)[-15:])
+        log.error("%s", error)
+        self.last_error, self.last_error_at = error, self._wall()
+        self.stats["hangs"] += 1
+        # SIGKILL, not SIGTERM: a stopped process would not act on SIGTERM until
+        # continued, a deadlocked one maybe never. _watch reaps it.
+        proc.kill_now()
+        for lease in self._leases:
+            lease.revoked_because = str(error)
+            lease.scope.cancel()
+        self._leases.clear()
+        self.proc = None
+        self.active = None
+        self._draining_since = None
+        self._transition(State.FAILED)
+        self._publish("hung", profile=proc.name, pid=proc.pid, message=str(error))
         self._record_failure(proc.name, str(error))
 
     # ------------------------------------------------------------- scheduling
@@ -1054,6 +1098,42 @@ class Supervisor:
             nursery.start_soon(proc.watch)
             await proc.exited.wait()
             await self._post_shielded(Exited(proc))
+
+    async def _probe_health(self, proc: process.LlamaProcess) -> None:
+        """Watch the ready ``proc`` for life until it stops being the ready child.
+
+        A child that sent no byte of any answer for ``timeouts.health_check`` is asked
+        ``/health`` (each probe bounded by ``timeouts.health_check_timeout``; any answer
+        will do); after a miss the next probe follows at once. Bytes of an answer count
+        as life too: a child streaming tokens is alive even while its HTTP threads are
+        too busy to answer a probe. ``HEALTH_MISSES`` misses in a row report it ``Hung``.
+        """
+        misses = 0
+        while self.proc is proc and self.state is State.READY and proc.alive:
+            timeouts = self.config.timeouts  # the current one, across reloads
+            if not timeouts.health_check:
+                return
+            if misses == 0:
+                due = proc.last_heard + timeouts.health_check
+                if trio.current_time() < due:
+                    await trio.sleep_until(due)
+                    continue  # look again: it may have answered someone, or gone
+            asked = trio.current_time()
+            if (await proc.answers_health(timeouts.health_check_timeout)
+                    or proc.last_heard > asked):
+                misses = 0
+                continue
+            if self.proc is not proc or not proc.alive:
+                return
+            misses += 1
+            log.warning("%s (pid %d) did not answer its health check within %gs (%d of %d)",
+                        proc.name, proc.pid, timeouts.health_check_timeout, misses,
+                        HEALTH_MISSES)
+            if misses >= HEALTH_MISSES:
+                await self._post_shielded(Hung(proc, (
+                    f"{misses} probes in a row got no answer within "
+                    f"{timeouts.health_check_timeout:g}s (timeouts.health_check_timeout)")))
+                return
 
     async def _post_shielded(self, message: Message) -> None:
         """Send from cleanup paths: shielded so it happens, bounded so it cannot hang."""

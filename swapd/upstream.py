@@ -11,10 +11,17 @@ request (health polls, ``/props``, slot saves) and every remote fallback (TLS, p
 closes them after 5). A request that fails on a reused connection before any byte of
 the answer arrived is sent once more on a fresh one: the server closed it while it was
 idle and never saw the request.
+
+A hung child must not hang its clients: each wait for bytes of an answer has a deadline,
+``first_byte_timeout`` until the first byte of the body (llama-server sends nothing while
+it processes the prompt, nor before a non-streamed answer is complete) and
+``idle_timeout`` between reads after that. ``ChildPool.last_heard`` is when the child
+last sent anything, so its liveness probe can skip a child that is visibly busy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -29,6 +36,10 @@ class UpstreamError(Exception):
     """The upstream could not be reached, or broke the exchange."""
 
 
+class UpstreamTimeout(UpstreamError):
+    """The upstream sent nothing for longer than its deadline allows."""
+
+
 class _Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -36,12 +47,17 @@ class _Connection:
         self.idle_since = 0.0
         self.reused = False
 
-    async def next_event(self) -> Any:
+    async def next_event(self, within: float = math.inf) -> Any:
+        """The next h11 event; ``trio.TooSlowError`` if no byte came for ``within`` s."""
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if within == math.inf:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            else:
+                with trio.fail_after(within):
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
             self.h11.receive_data(data)  # b"" marks EOF: h11 turns it into an error/close
 
     @property
@@ -52,10 +68,13 @@ class _Connection:
 class ChildResponse:
     """An answer being read; give the connection back with ``aclose`` (always)."""
 
-    def __init__(self, pool: ChildPool, connection: _Connection,
-                 response: h11.Response) -> None:
+    def __init__(self, pool: ChildPool, connection: _Connection, response: h11.Response,
+                 first_byte_timeout: float = math.inf,
+                 idle_timeout: float = math.inf) -> None:
         self.status_code: int = response.status_code
         self.raw_headers: list[tuple[bytes, bytes]] = list(response.headers)
+        self.first_byte_timeout = first_byte_timeout
+        self.idle_timeout = idle_timeout
         self._pool = pool
         self._connection: _Connection | None = connection
         self._complete = False
@@ -67,17 +86,23 @@ class ChildResponse:
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         connection = self._connection
         assert connection is not None, "the answer was already read or closed"
+        timeout, setting = self.first_byte_timeout, "timeouts.first_byte"
         while True:
             try:
-                event = await connection.next_event()
-            except (h11.RemoteProtocolError, trio.BrokenResourceError, OSError) as error:
+                event = await connection.next_event(timeout)
+            except (h11.RemoteProtocolError, trio.BrokenResourceError,
+                    trio.ClosedResourceError, OSError) as error:
                 raise UpstreamError(f"the answer broke off: {error}") from None
+            except trio.TooSlowError:
+                raise UpstreamTimeout(f"it sent nothing for {timeout:g}s ({setting})") from None
             if isinstance(event, h11.Data):
                 # Take what h11 already holds too: tokens that arrived together leave
                 # together, one downstream send instead of one each.
                 data = bytes(event.data)
                 while isinstance(event := connection.h11.next_event(), h11.Data):
                     data += event.data
+                self._pool.last_heard = trio.current_time()
+                timeout, setting = self.idle_timeout, "timeouts.upstream_idle"
                 yield data
                 if isinstance(event, h11.EndOfMessage):
                     self._complete = True
@@ -92,6 +117,12 @@ class ChildResponse:
 
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_raw()])
+
+    def abort(self) -> None:
+        """Close the connection now, from any task: the child stops generating."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            _close(connection)
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
@@ -117,10 +148,19 @@ class ChildPool:
         self._host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self._idle: list[_Connection] = []
         self._closed = False
+        self.last_heard = trio.current_time()
+        """When the child last sent a byte of an answer's head or body."""
 
     async def request(self, method: bytes | str, target: bytes | str,
-                      headers: Iterable[tuple[bytes, bytes]], body: bytes) -> ChildResponse:
-        """Send a request with a complete body; return once the answer's head is in."""
+                      headers: Iterable[tuple[bytes, bytes]], body: bytes, *,
+                      first_byte_timeout: float = math.inf,
+                      idle_timeout: float = math.inf) -> ChildResponse:
+        """Send a request with a complete body; return once the answer's head is in.
+
+        Each wait for the head, then for the first byte of the body, may last
+        ``first_byte_timeout``; later waits ``idle_timeout``. A silence longer than
+        that raises ``UpstreamTimeout`` (an ``UpstreamError``).
+        """
         headers = [(b"host", self._host_header),
                    (b"content-length", str(len(body)).encode()), *headers]
         request = h11.Request(method=method, target=target, headers=headers)
@@ -131,23 +171,29 @@ class ChildPool:
                 if body:
                     data += connection.h11.send(h11.Data(data=body)) or b""
                 data += connection.h11.send(h11.EndOfMessage()) or b""
-                await connection.stream.send_all(data)
-                event = await connection.next_event()
+                with trio.fail_after(first_byte_timeout):  # a stopped child reads nothing
+                    await connection.stream.send_all(data)
+                event = await connection.next_event(first_byte_timeout)
                 while isinstance(event, h11.InformationalResponse):
-                    event = await connection.next_event()
+                    event = await connection.next_event(first_byte_timeout)
             except (h11.RemoteProtocolError, trio.BrokenResourceError, OSError) as error:
                 _close(connection)
                 if connection.reused:
                     continue  # closed by the server while idle: it never saw this request
                 raise UpstreamError(f"no answer from {self.host}:{self.port}: "
                                     f"{error or type(error).__name__}") from None
+            except trio.TooSlowError:
+                _close(connection)
+                raise UpstreamTimeout(f"no answer within {first_byte_timeout:g}s "
+                                      "(timeouts.first_byte)") from None
             except BaseException:
                 _close(connection)
                 raise
             if not isinstance(event, h11.Response):
                 _close(connection)
                 raise UpstreamError(f"unexpected {type(event).__name__} from the upstream")
-            return ChildResponse(self, connection, event)
+            self.last_heard = trio.current_time()
+            return ChildResponse(self, connection, event, first_byte_timeout, idle_timeout)
 
     def give_back(self, connection: _Connection) -> None:
         if self._closed or len(self._idle) >= self.max_idle:

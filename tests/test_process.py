@@ -100,6 +100,30 @@ async def test_sigterm_ignoring_child_is_killed_after_grace() -> None:
     assert not group_alive(proc.pid)
 
 
+async def test_a_stopped_child_is_continued_so_it_acts_on_sigterm() -> None:
+    async with trio.open_nursery() as nursery:
+        proc = await start(nursery=nursery)
+        os.kill(proc.pid, signal.SIGSTOP)  # a stopped process only sees SIGTERM later
+        code = await proc.stop(grace=20)
+    assert code == 0  # SIGTERM acted on (the fake's clean exit), not SIGKILL after grace
+    assert not group_alive(proc.pid)
+
+
+async def test_the_liveness_probe_tells_a_stopped_child_from_a_live_one() -> None:
+    async with trio.open_nursery() as nursery:
+        proc = await start(nursery=nursery)
+        assert await proc.answers_health(5)
+        heard = proc.last_heard
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            assert not await proc.answers_health(0.3)
+            assert proc.last_heard == heard  # nothing came back
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert await proc.answers_health(5)
+        await proc.stop(grace=5)
+
+
 async def test_stop_kills_grandchildren_in_the_group() -> None:
     async with trio.open_nursery() as nursery:
         proc = await start("--fake-grandchild", nursery=nursery)

@@ -22,6 +22,7 @@ from swapd.errors import (
     CircuitOpen,
     LocalFailed,
     ModelCrashed,
+    ModelHung,
     NoModelLoaded,
     QueueFull,
     QueueTimeout,
@@ -49,6 +50,9 @@ class FakeProc:
         self.exited = trio.Event()
         self.tail: deque[str] = deque(["loading", "boom: out of memory"] if fail_code else [])
         self.stopped_at: float | None = None
+        self.last_heard = trio.current_time()
+        self.hung = False  # answers no health probe (a SIGSTOPped or deadlocked child)
+        self.probes = 0
         self._load_time = load_time
         self._fail_code = fail_code
 
@@ -65,7 +69,16 @@ class FakeProc:
             self.exit(self._fail_code)
             raise StartFailed(self.name, f"exited with code {self._fail_code} during start",
                               exit_code=self._fail_code, stderr_tail=list(self.tail))
-        self.ready_at = trio.current_time()
+        self.ready_at = self.last_heard = trio.current_time()  # it answered /health
+
+    async def answers_health(self, within: float) -> bool:
+        self.probes += 1
+        if self.hung:
+            await trio.sleep(within)
+            return False
+        await trio.sleep(0.001)
+        self.last_heard = trio.current_time()
+        return True
 
     async def stop(self, grace: float) -> int | None:
         await trio.sleep(0.01)
@@ -383,6 +396,72 @@ async def test_crash_while_serving_revokes_leases(tmp_path: Path, autojump_clock
         assert sup.last_error.exit_code == 139
         await use(sup, "a")  # the next request starts it again
         assert len(launcher.launched) == 2
+        await sup.shutdown()
+
+
+async def test_a_child_that_stops_answering_is_killed_and_restarted(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    config = make_config(tmp_path, timeouts="queue_wait: 60s\n  health_check: 10s\n"
+                                            "  health_check_timeout: 5s")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        lease = await sup.acquire("a")
+        hung = launcher.launched[0]
+        ready_at = trio.current_time()
+        hung.hung = True  # SIGSTOP: no byte of any answer, no answer to /health
+        with lease.scope:
+            await trio.sleep_forever()  # a request waiting on it, forever
+        # silent for health_check, then HEALTH_MISSES probes of health_check_timeout
+        assert trio.current_time() == pytest.approx(ready_at + 10 + 3 * 5, abs=0.1)
+        assert lease.revoked_because is not None
+        assert "'a' stopped answering its health check" in lease.revoked_because
+        await sup.release(lease)
+        assert hung.exit_code == -9  # SIGKILLed (a stopped process ignores SIGTERM)
+        assert sup.state is State.FAILED
+        assert isinstance(sup.last_error, ModelHung)
+        assert sup.status()["last_error"]["kind"] == "hung"
+        assert sup.stats["hangs"] == 1
+        assert sup.circuits()["a"]["failures"] == 1  # counts for backoff and circuit
+        assert [e.kind for e in sup.events if e.kind == "hung"] == ["hung"]
+        await use(sup, "a")  # the next request starts it again, after the backoff
+        assert len(launcher.launched) == 2
+        await sup.shutdown()
+
+
+async def test_a_busy_child_is_not_probed_and_a_slow_probe_is_not_a_hang(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    config = make_config(tmp_path, timeouts="health_check: 10s\n  health_check_timeout: 5s")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        await use(sup, "a")
+        proc = launcher.launched[0]
+        proc.hung = True  # its HTTP threads are all busy: /health gets no answer ...
+        for _ in range(20):  # ... but tokens flow to the requests it serves
+            await trio.sleep(3)
+            proc.last_heard = trio.current_time()
+        assert proc.probes == 0  # never silent for health_check: never asked
+        await trio.sleep(10 + 5 + 2)  # silent: one probe missed, a second one pending
+        assert proc.probes == 2
+        proc.last_heard = trio.current_time()  # an answer arrives meanwhile
+        await trio.sleep(20)
+        proc.hung = False
+        await trio.sleep(30)
+        assert sup.state is State.READY and proc.alive
+        assert sup.stats["hangs"] == 0
+        await sup.shutdown()
+
+
+async def test_health_checks_can_be_turned_off(tmp_path: Path, autojump_clock: Any) -> None:
+    config = make_config(tmp_path, timeouts="health_check: 0")
+    launcher = FakeLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, config, launcher)
+        await use(sup, "a")
+        launcher.launched[0].hung = True
+        await trio.sleep(3600)
+        assert sup.state is State.READY and launcher.launched[0].probes == 0
         await sup.shutdown()
 
 

@@ -11,7 +11,7 @@ import h11
 import pytest
 import trio
 
-from swapd.upstream import ChildPool, UpstreamError
+from swapd.upstream import ChildPool, UpstreamError, UpstreamTimeout
 
 
 class Server:
@@ -153,4 +153,80 @@ async def test_a_streamed_answer_does_not_go_back_to_the_pool() -> None:
             assert await ask(pool) == b"data: x\n\n"
         assert server.connections == 3
         assert pool._idle == []  # never pooled, so never a failed send and a retry
+        await pool.aclose()
+
+
+class SilentServer(Server):
+    """Reads the request, then answers in ``pauses``: (seconds to wait, bytes to send)."""
+
+    def __init__(self, pauses: list[tuple[float, bytes]]) -> None:
+        super().__init__()
+        self.pauses = pauses
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        for pause, data in self.pauses:
+            await trio.sleep(pause)
+            await stream.send_all(data)
+        await trio.sleep_forever()  # a hung child: the connection stays open, silent
+
+
+HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n")
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_no_head_within_first_byte_timeout_is_an_upstream_timeout(
+        autojump_clock: Any) -> None:
+    async with serving(SilentServer([])) as port:
+        pool = ChildPool("127.0.0.1", port)
+        began = trio.current_time()
+        with pytest.raises(UpstreamTimeout, match=r"no answer within 300s "
+                                                  r"\(timeouts.first_byte\)"):
+            await pool.request(b"POST", b"/", [], b"{}", first_byte_timeout=300,
+                               idle_timeout=5)
+        assert trio.current_time() - began == pytest.approx(300)
+        assert pool._idle == []  # that connection is closed, never reused
+        await pool.aclose()
+
+
+async def test_first_byte_then_idle_deadlines_bound_an_answer(autojump_clock: Any) -> None:
+    # The head at once, the first byte of the body after 200 s (prompt processing),
+    # two more within 20 s of each other, then nothing.
+    server = SilentServer([(0, HEAD), (200, chunk(b"one")), (20, chunk(b"two")),
+                           (20, chunk(b"three"))])
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port)
+        response = await pool.request(b"POST", b"/", [], b"{}", first_byte_timeout=300,
+                                      idle_timeout=30)
+        received = []
+        with pytest.raises(UpstreamTimeout, match=r"nothing for 30s "
+                                                  r"\(timeouts.upstream_idle\)"):
+            async for data in response.aiter_raw():
+                received.append(data)
+                last = trio.current_time()
+        assert received == [b"one", b"two", b"three"]
+        assert trio.current_time() - last == pytest.approx(30)
+        assert pool.last_heard == last  # what the liveness probe looks at
+        await response.aclose()
+        await pool.aclose()
+
+
+async def test_a_body_that_never_starts_hits_first_byte_timeout(autojump_clock: Any) -> None:
+    async with serving(SilentServer([(0, HEAD)])) as port:
+        pool = ChildPool("127.0.0.1", port)
+        response = await pool.request(b"POST", b"/", [], b"{}", first_byte_timeout=300,
+                                      idle_timeout=30)
+        began = trio.current_time()
+        with pytest.raises(UpstreamTimeout, match=r"timeouts.first_byte"):
+            await response.aread()
+        assert trio.current_time() - began == pytest.approx(300)
+        await response.aclose()
         await pool.aclose()

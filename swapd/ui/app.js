@@ -795,7 +795,7 @@
     // Recent events.
     const events = model.events.map((ev) => {
       const [main, extra] = describe(ev);
-      const cls = ["start_failed", "crashed", "circuit_open"].includes(ev.kind) ? "ev-failed"
+      const cls = ["start_failed", "crashed", "hung", "circuit_open"].includes(ev.kind) ? "ev-failed"
         : ev.kind === "ready" ? "ev-ready" : "";
       return h("li", {}, h("time", { datetime: new Date(ev.at * 1000).toISOString() }, clock(ev.at)),
         h("span", {}, h("span", { class: cls }, main), extra ? h("span", { class: "muted" }, extra) : null));

@@ -664,6 +664,10 @@ class HttpProtocol(asyncio.Protocol):
         for i, token in enumerate(tokens):
             if delay and i:
                 await asyncio.sleep(delay)
+            elif i % 64 == 63:
+                # Let the loop run now and then even when writes never pause (a peer
+                # that reset the connection): signals and connection_lost need it.
+                await asyncio.sleep(0)
             while self.write_paused and not self.closing:
                 await self.wait_for_wake()
             while server.stopping and not self.closing:
