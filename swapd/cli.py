@@ -34,10 +34,12 @@ import attrs
 import httpx
 import trio
 
+from swapd import planner
 from swapd.auth import load_keys
 from swapd.config import Config, load_config, missing_model_files
 from swapd.errors import ConfigError
 from swapd.estimate import (
+    Estimate,
     detect_gpu_memory,
     estimate_profile,
     format_bytes,
@@ -178,8 +180,47 @@ def _memory_report(config: Config, gpu_memory: str | None) -> list[str]:
     print(text)
     if gpu is None:
         return []
+    print(_together_report(config, estimates, gpu))
     return [f"profiles.{e.name}: estimated {format_bytes(e.total)} does not fit in "
             f"{format_bytes(gpu)} of GPU memory" for e in estimates if e.fits(gpu) is False]
+
+
+def _together_report(config: Config, estimates: Sequence[Estimate], gpu: int) -> str:
+    """Which profiles the residency planner would keep loaded side by side."""
+    residency = config.residency
+    if residency.mode == "count":
+        cap = residency.cap or 1
+        if cap == 1:
+            return ("\nTogether: one model at a time (residency.mode: count, max_models: 1);"
+                    " residency.mode: budget lets memory decide")
+        return (f"\nTogether: up to {cap} models at once (residency.max_models), whatever "
+                "their size; residency.mode: budget lets memory decide")
+    memories = {g.id: g.memory for g in config.gpus} or {0: gpu}
+    budgets = {i: max(0, memory - residency.reserve) for i, memory in memories.items()}
+    sized = {e.name: config.profiles[e.name].memory or e.total
+             for e in estimates if e.sized or config.profiles[e.name].memory}
+
+    def plan(name: str, residents: Sequence[planner.Resident]) -> planner.Plan:
+        target = planner.Target(name, sized[name], config.profiles[name].gpu)
+        return planner.plan(target, residents, budgets, max_models=residency.cap)
+
+    room = ", ".join(f"GPU {i}: {format_bytes(b)}" for i, b in budgets.items())
+    lines = [f"\nTogether (residency.mode: budget; for models: {room}):"]
+    for name, size in sized.items():
+        alone = plan(name, [])
+        if not isinstance(alone, planner.Load):
+            lines.append(f"  {name}: does not fit at all")
+            continue
+        resident = planner.Resident(name, alone.usage)
+        beside = [other for other in sized
+                  if other != name and _loads_as_is(plan(other, [resident]))]
+        lines.append(f"  {name} ({format_bytes(size)}): "
+                     + (f"fits beside {', '.join(beside)}" if beside else "fits only alone"))
+    return "\n".join(lines)
+
+
+def _loads_as_is(plan: planner.Plan) -> bool:
+    return isinstance(plan, planner.Load) and not plan.evict
 
 
 def _print_problems(problems: Sequence[str], *, source: str) -> None:

@@ -209,3 +209,26 @@ def test_check_judges_vram_estimates(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "profiles.long: estimated" in captured.err
     assert main(["check", str(path), "--gpu-memory", "lots"]) == 1
     assert "--gpu-memory:" in capsys.readouterr().err
+
+
+def test_check_says_which_profiles_fit_together(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    write_tiny_llama(tmp_path / "m.gguf", n_layers=4, n_embd=256, n_head=8, n_head_kv=2,
+                     context_length=32768)
+    path = tmp_path / "swapd.yaml"
+    profiles = ("profiles:\n"
+                "  chat: {model: m.gguf, memory: 700MiB}\n"
+                "  embed: {model: m.gguf, memory: 200MiB}\n"
+                "  coder: {model: m.gguf, memory: 500MiB}\n")
+    path.write_text("llama_server: {command: /nonexistent/llama-server}\n"
+                    "residency: {mode: budget, reserve: 100MiB}\n" + profiles)
+    assert main(["check", str(path), "--gpu-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    # 1 GiB less the 100 MiB reserve leaves 924 MiB for models.
+    assert "Together (residency.mode: budget; for models: GPU 0: 924.0 MiB):" in out
+    assert "  chat (700.0 MiB): fits beside embed\n" in out
+    assert "  embed (200.0 MiB): fits beside chat, coder\n" in out
+    assert "  coder (500.0 MiB): fits beside embed\n" in out
+    path.write_text("llama_server: {command: /nonexistent/llama-server}\n" + profiles)
+    assert main(["check", str(path), "--gpu-memory", "1GiB"]) == 0
+    assert "Together: one model at a time" in capsys.readouterr().out
