@@ -101,6 +101,9 @@ class _Profile:
     description: str | None = None
     keep_cache: bool | None = None
     notes: list[str] = attrs.field(factory=list)
+    source: str = ""  # the model's id in the imported config
+    pinned: bool = False
+    preload: bool = False
 
 
 @attrs.define
@@ -124,6 +127,13 @@ class _Draft:
     unmapped: list[str] = attrs.field(factory=list)
     names: set[str] = attrs.field(factory=set)
     outcomes: dict[str, str] = attrs.field(factory=dict)  # model -> "imported" or why not
+    pinned: set[str] = attrs.field(factory=set)  # source model ids kept loaded
+    preload: set[str] = attrs.field(factory=set)  # source model ids loaded at start
+    residency_note: str | None = None  # why the import asks for residency.mode: budget
+
+    def budget(self, why: str) -> None:
+        """Several models at once: the GPU's memory decides (docs/residency.md)."""
+        self.residency_note = self.residency_note or why
 
     def lose(self, where: str, what: str) -> None:
         self.unmapped.append(_one_line(f"{where}: {what}"))
@@ -303,22 +313,30 @@ def _llama_swap_keys(value: Any, draft: _Draft) -> None:
 
 
 def _llama_swap_groups(value: Any, draft: _Draft, where: str) -> None:
+    """Groups say by hand which models may run together; swapd's budget decides that.
+
+    ``persistent`` members become ``pinned``; ``swap: false`` and ``exclusive: false``
+    ask for several models at once, which ``residency.mode: budget`` gives wherever they
+    fit. What a group cannot say to swapd (a model that must never run beside another)
+    is listed.
+    """
     if not isinstance(value, Mapping):
         draft.lose(where, "not a mapping; left out")
         return
     for name, group in value.items():
         group = group if isinstance(group, Mapping) else {}
         members = _names(group.get("members"))
-        what = [f"swapd runs one model at a time: members {', '.join(members) or '(none)'} "
-                "swap with each other and with every other profile"]
-        if group.get("swap") is False:
-            what.append("swap: false (members running together) is not possible")
-        if group.get("exclusive") is False:
-            what.append("exclusive: false (leaving other groups running) is not possible")
+        listed = ", ".join(members) or "(none)"
         if group.get("persistent") is True:
-            what.append("persistent: true is not kept (a ttl of 0 keeps a model until "
-                        "another one is asked for)")
-        draft.lose(f"{where}.{name}", "; ".join(what))
+            draft.pinned.update(members)
+            draft.budget(f"group {name!s} is persistent: its members are pinned")
+        if group.get("swap") is False or group.get("exclusive") is False:
+            draft.budget(f"group {name!s} runs models together")
+        if group.get("swap", True) is not False and len(members) > 1:
+            draft.lose(f"{where}.{name}", f"members {listed} swapped with each other; swapd "
+                       "keeps models loaded together wherever they fit the GPU budget "
+                       "(residency.mode: budget) and evicts the least recently used idle "
+                       "one when a new one does not fit")
 
 
 def _llama_swap_routing(value: Any, draft: _Draft) -> None:
@@ -365,11 +383,9 @@ def _llama_swap_hooks(value: Any, draft: _Draft) -> None:
     startup = hooks.get("on_startup")
     preload = _names(startup.get("preload")) if isinstance(startup, Mapping) else []
     if preload:
-        names = ", ".join(preload)
-        draft.lose("hooks.on_startup.preload", f"swapd loads a model on its first request; "
-                   f"to preload ({names}), run 'swapd load NAME' or POST /swapd/load "
-                   "{\"model\": NAME} once swapd is up (ExecStartPost= in a systemd "
-                   "drop-in); only one model can be loaded")
+        draft.preload.update(preload)
+        if len(preload) > 1:
+            draft.budget(f"{len(preload)} models are preloaded")
     for key in hooks:
         if key != "on_startup" or not preload:
             draft.lose(f"hooks.{key}", "swapd has no hooks; left out")
@@ -731,7 +747,7 @@ def _profile_from_args(model_id: str, args: Iterable[str], where: str, draft: _D
     if "${PORT}" in str(flags):
         draft.lose(f"{where}.cmd", "uses ${PORT} outside --port; swapd's port is only "
                    "known at start, so that flag is left as written")
-    profile = _Profile(name=model_id, model=model, flags=flags)
+    profile = _Profile(name=model_id, model=model, flags=flags, source=model_id)
     if not model.startswith(("/", "~")):
         profile.notes.append("relative model paths are relative to this file's directory")
         draft.lose(f"{where}.cmd", f"the model path {model!r} is relative: llama-swap "
@@ -1049,8 +1065,13 @@ def _render(draft: _Draft) -> str:
     if draft.api_key_env is not None:
         out += ["security:", f"  api_key_env: {draft.api_key_env}  # the key(s) clients "
                 "send; set this variable in swapd's environment"]
+    if draft.residency_note is not None:
+        out += ["residency:", f"  mode: budget  # {_one_line(draft.residency_note)}",
+                "# gpus: [{id: 0, memory: 24GiB}]  # your GPU's memory; default: nvidia-smi"]
     out += ["", "profiles:"]
     for profile in draft.profiles:
+        profile.pinned = profile.source in draft.pinned
+        profile.preload = profile.source in draft.preload and not profile.pinned
         out += _render_profile(profile)
     for name, why, original in draft.skipped:
         out.append(f"  # not imported: {_one_line(name)} ({why})")
@@ -1076,6 +1097,10 @@ def _render_profile(profile: _Profile) -> list[str]:
         out.append(f"    ttl: {_duration(profile.ttl)}")
     if profile.keep_cache is not None:
         out.append(f"    keep_cache: {_scalar(profile.keep_cache)}")
+    if profile.pinned:
+        out.append("    pinned: true  # a persistent group's member")
+    if profile.preload:
+        out.append("    preload: true  # hooks.on_startup.preload")
     if profile.env:
         out.append("    env:")
         out += [f"      {_scalar(k)}: {_scalar(v)}" for k, v in profile.env.items()]

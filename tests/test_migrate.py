@@ -147,8 +147,12 @@ def test_a_realistic_llama_swap_config_converts() -> None:
     assert "never-copied" not in text and "hf_never_copied" not in text
 
     listed = "\n".join(unmapped)
-    for what in ("groups.main", "groups.always-on", "swap: false", "hooks.on_startup.preload",
-                 "models.vllm-llama", "vLLM",
+    # Groups and preloads map onto residency: pinned, preload, and the budget deciding.
+    assert config.residency.mode == "budget"
+    assert config.profiles["embed"].pinned and not config.profiles["embed"].preload
+    assert config.profiles["qwen3-30b"].preload and not config.profiles["qwen3-30b"].pinned
+    assert "groups.always-on" not in listed and "hooks.on_startup.preload" not in listed
+    for what in ("groups.main", "models.vllm-llama", "vLLM",
                  "models.embed.unlisted", "logLevel", "SWAPD_LOG_LEVEL=warning",
                  "models.qwen3-30b.env: HF_TOKEN came from ${env.HF_TOKEN}: not copied"):
         assert what in listed, what
@@ -522,7 +526,6 @@ def test_llama_swaps_own_example_imports_every_llama_server_model(
     for where in ("logLevel", "logToStdout", "captureBuffer", "metricsMaxInMemory", "ui",
                   "performance", "upstream", "profiles", "selectors.coding-model",
                   "routing.router.settings.matrix", "routing.scheduler", "groups.group1",
-                  "groups.group2", "groups.forever", "hooks.on_startup.preload",
                   "peers.openrouter", "models.gpt-oss-20b.useModelName",
                   "models.gpt-oss-20b.filters", "models.gpt-oss-20b.metadata",
                   "models.gpt-oss-20b.concurrencyLimit", "models.gpt-oss-20b.unloadTimeout",
@@ -532,6 +535,10 @@ def test_llama_swaps_own_example_imports_every_llama_server_model(
                   "models.gemma-hf", "models.whisper", "models.placeholder"):
         assert re.search(rf"^{re.escape(where)}: ", listed, re.M), where
     assert "temperature, top_p" in listed  # the filter says what it stripped
+    # swap: false and persistent groups, and the preload, become residency settings.
+    assert config.residency.mode == "budget" and config.profiles["gpt-oss-20b"].preload
+    assert all(not re.search(rf"^{where}: ", listed, re.M)
+               for where in ("groups.group2", "groups.forever", "hooks.on_startup.preload"))
     assert "#   api_key_env: OPENROUTER_API_KEY" in text  # read when swapd runs
     for model, why in REAL_OUTCOMES.items():
         if why != "imported":
