@@ -551,6 +551,7 @@
     renderLive(s);
     renderHistory(s);
     renderRequests(s);
+    renderGpus(s);
     renderFailure(s);
     if (s.version) setText($("version"), `v${s.version}`);
   }
@@ -853,6 +854,39 @@
           h("span", { class: "value" }, String(n))),
         h("span", { class: "track", role: "img", "aria-label": `${label(name)}: ${n} requests` },
           h("span", { class: "seg req", style: `width:${(100 * n) / max}%` }))))));
+  }
+
+  function gib(n) {
+    return n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(1)} GiB` : `${Math.round(n / 2 ** 20)} MiB`;
+  }
+
+  // One bar per GPU with a budget (residency.mode: budget): a segment per resident model
+  // (its planned bytes, split evenly over the GPUs it spans), then what is free.
+  function renderGpus(s) {
+    const gpus = (s.gpus || []).filter((g) => g.budget);
+    $("gpus").hidden = !gpus.length;
+    if (!gpus.length) return;
+    const resident = s.resident || [];
+    setText($("gpus-total"), `${resident.length} model${resident.length === 1 ? "" : "s"} loaded`);
+    $("gpus-chart").replaceChildren(h("ul", { class: "swaps" }, gpus.map((g) => {
+      const parts = resident.filter((r) => (r.gpus || []).includes(g.id) && r.planned)
+        .map((r) => ({ name: r.name, state: r.state, bytes: r.planned / r.gpus.length }));
+      const used = parts.reduce((a, p) => a + p.bytes, 0);
+      const free = Math.max(0, g.budget - used);
+      const measured = g.measured ? `, ${gib(g.measured)} measured` : "";
+      return h("li", {},
+        h("div", { class: "swap-head" },
+          h("span", { class: "swap-name" }, h("strong", {}, `GPU ${g.id}`),
+            h("span", { class: "muted small" }, ` ${gib(g.budget)} for models${measured}`)),
+          h("span", { class: "value" }, `${gib(free)} free`)),
+        h("span", { class: "track", role: "img", "aria-label": `GPU ${g.id}: ` +
+            parts.map((p) => `${label(p.name)} ${gib(p.bytes)}`).join(", ") + `, ${gib(free)} free` },
+          ...parts.map((p) => h("span", {
+            class: `seg gpu ${p.state}`, title: `${label(p.name)}: ${gib(p.bytes)} (${p.state})`,
+            style: `width:${(100 * p.bytes) / g.budget}%` }))),
+        h("span", { class: "muted small" },
+          parts.map((p) => `${label(p.name)} ${gib(p.bytes)}`).join(" · ") || "nothing loaded"));
+    })));
   }
 
   let failureKey = "";
