@@ -6,7 +6,10 @@ A -> B -> A by real clients, streamed, with progress on the waiting stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -15,6 +18,7 @@ import pytest
 import trio
 
 from swapd.config import parse_config
+from swapd.process import LlamaProcess
 from swapd.progress import PREFIX
 from swapd.serve import open_server
 
@@ -125,3 +129,79 @@ async def test_real_start_failures_say_what_to_fix(
         assert "exited with code 1" in message and "run 'swapd check'" in message, message
         # a good profile still loads after those failures
         assert (await ask("tiny-b")).status_code == 200
+
+
+def liveness_config(tmp_path: Path, models: Path, binary: Path) -> str:
+    """tiny-a with an impatient health probe: 200 ms of silence, 3 misses of 200 ms."""
+    config = json.loads(real_config(tmp_path, models, binary))
+    config["timeouts"].update({"health_check": "200ms", "health_check_timeout": "200ms"})
+    config["restart"] = {"backoff": "0s"}
+    config["profiles"]["tiny-a"]["flags"]["parallel"] = 2
+    return json.dumps(config)
+
+
+async def test_a_busy_real_server_is_not_taken_for_a_hung_one(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-streamed answers send nothing until they are complete, so the probe does run
+    while both slots (and a queue behind them) generate: llama-server answers /health
+    from its HTTP threads meanwhile, and nothing is killed."""
+    probes: list[bool] = []
+    answers_health = LlamaProcess.answers_health
+
+    async def counted(self: LlamaProcess, within: float) -> bool:
+        probes.append(await answers_health(self, within))
+        return probes[-1]
+
+    monkeypatch.setattr(LlamaProcess, "answers_health", counted)
+    config = parse_config(liveness_config(tmp_path, tiny_models, llama_server_bin))
+    async with open_server(config) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=120) as client:
+        statuses: list[int] = []
+
+        async def generate() -> None:
+            response = await client.post("/v1/chat/completions", json={
+                "model": "tiny-a", "max_tokens": 1000, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "hello"}]})
+            statuses.append(response.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(generate)
+        assert statuses == [200] * 6
+        assert probes and all(probes)  # probed while busy, and every probe answered
+        assert running.supervisor.stats["hangs"] == 0
+
+
+async def test_a_stopped_real_server_is_killed_and_replaced(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path) -> None:
+    config = parse_config(liveness_config(tmp_path, tiny_models, llama_server_bin))
+    async with open_server(config) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=60) as client:
+        assert (await client.post("/swapd/load", json={"model": "tiny-a"})).status_code == 200
+        proc = running.supervisor.proc
+        assert proc is not None
+        text = b""
+        try:
+            async with client.stream("POST", "/v1/chat/completions", json={
+                    "model": "tiny-a", "max_tokens": 1000, "ignore_eos": True,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "hello"}]}) as streamed:
+                async for chunk in streamed.aiter_raw():
+                    if not text:
+                        os.kill(proc.pid, signal.SIGSTOP)  # mid-answer
+                    text += chunk
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        events = [line for line in text.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert "stopped answering its health check" in events[-2]
+        with trio.fail_after(10):
+            await proc.exited.wait()
+        assert proc.exit_code == -signal.SIGKILL
+        again = await client.post("/v1/chat/completions", json={
+            "model": "tiny-a", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hello"}]})
+        assert again.status_code == 200
+        assert running.supervisor.proc is not None and running.supervisor.proc.pid != proc.pid
