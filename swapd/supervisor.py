@@ -172,7 +172,8 @@ class Child:
     draining_since: float | None = None
     drain_reason: str | None = None  # one of EVICTION_REASONS
     idle_since: float = 0.0
-    last_used: float = 0.0
+    last_used: float = 0.0  # trio time of the last grant or release
+    use_seq: int = 0  # the same, as a strict order (ties in time are common in bursts)
     start_scope: trio.CancelScope | None = None
     start_began: float | None = None
     usage: dict[int, int] = attrs.field(factory=dict)  # planned bytes per GPU id
@@ -409,6 +410,7 @@ class Supervisor:
         self._unloads: list[tuple[frozenset[str], trio.Event]] = []
         self._unloading: set[str] = set()  # children an unload stops
         self._oom_retry: set[str] = set()  # profiles whose next start is an OOM retry
+        self._uses = 0  # Child.use_seq's counter
         self._shutting_down = False
         self._nursery: trio.Nursery | None = None
         self._detected_gpu: int | None = None
@@ -443,11 +445,11 @@ class Supervisor:
             return self._children[self._recent]
         if not self._children:
             return None
-        return max(self._children.values(), key=lambda c: c.last_used)
+        return max(self._children.values(), key=lambda c: c.use_seq)
 
     def children(self) -> list[Child]:
         """Every child, most recently used first (read-only: do not change them)."""
-        return sorted(self._children.values(), key=lambda c: -c.last_used)
+        return sorted(self._children.values(), key=lambda c: -c.use_seq)
 
     def profile_state(self, name: str) -> State:
         """One profile's state: its child's, else FAILED or IDLE."""
@@ -853,10 +855,9 @@ class Supervisor:
         child = self._children.get(lease.profile.name)
         if child is not None and lease in child.leases:
             child.leases.discard(lease)
-            now = trio.current_time()
-            child.last_used = now
+            self._touch(child)
             if not child.leases:
-                child.idle_since = now
+                child.idle_since = child.last_used
 
     def _on_unload(self, done: trio.Event, name: str | None) -> None:
         """Unload one profile (by name: pinned too) or every model but the pinned."""
@@ -926,7 +927,8 @@ class Supervisor:
                 # From now on the planner counts what llama-server really allocated.
                 child.usage = _spread(measured, child.gpus) or child.usage
         self._transition(State.READY, child)
-        child.idle_since = child.last_used = trio.current_time()
+        self._touch(child)
+        child.idle_since = child.last_used
         self._recent = profile.name
         self._record_load(child, "ok")
         health = self.health.get(profile.name)
@@ -951,7 +953,7 @@ class Supervisor:
                           if c is not child and c.state is State.READY and not c.leases
                           and c.draining_since is None and not c.profile.pinned
                           and not self._waiting.get(c.name)),
-                         key=lambda c: c.last_used)
+                         key=lambda c: c.use_seq)
         if not victims:
             return False
         self._oom_retry.add(name)
@@ -1067,7 +1069,8 @@ class Supervisor:
             "result": result, "stop_seconds": round(stopped - began, 4),
             "load_seconds": round(now - stopped, 4), "total_seconds": round(now - began, 4)})
         if result == "ok":
-            self._publish("loaded", fact=Loaded(child.name, child.gpus, round(now - stopped, 4)),
+            load_s = self.load_seconds.get(child.name, now - stopped)  # spawn to healthy
+            self._publish("loaded", fact=Loaded(child.name, child.gpus, load_s),
                           profile=child.name, gpus=list(child.gpus))
             if from_:
                 self._publish("swapped", fact=Swapped(tuple(from_), child.name,
@@ -1192,6 +1195,8 @@ class Supervisor:
             profile = self.config.profiles.get(name)
             if profile is None or now < self._retry_at(name):
                 continue
+            if any(c.room_for == name for c in self._children.values()):
+                continue  # room is being made for it: plan again once those are gone
             footprint = self._footprint(profile)
             if footprint is None:
                 continue  # being sized off-loop: a Sized message wakes us
@@ -1295,7 +1300,7 @@ class Supervisor:
                 phase = planner.Phase.STOPPING
             residents.append(planner.Resident(
                 child.name, dict(child.usage), inflight=len(child.leases),
-                waiting=len(self._waiting.get(child.name, ())), last_used=child.last_used,
+                waiting=len(self._waiting.get(child.name, ())), last_used=child.use_seq,
                 pinned=child.profile.pinned, phase=phase))
         return residents
 
@@ -1306,6 +1311,10 @@ class Supervisor:
         sized = self.sizes.get(profile.name)
         if sized is not None and sized.profile == profile:
             return sized.footprint
+        if profile.memory is not None and not self.footprints.has(profile.name):
+            # Nothing measured to prefer: the operator's figure, no I/O needed.
+            self.sizes[profile.name] = Sized(profile, profile.memory, "memory", None, None)
+            return profile.memory
         if profile.name not in self._sizing:
             assert self._nursery is not None
             self._sizing.add(profile.name)
@@ -1469,6 +1478,12 @@ class Supervisor:
             self._failed.pop(profile, None)
         self._publish("state", state=new.value, profile=name)
 
+    def _touch(self, child: Child) -> None:
+        """The child was just used (granted, released, loaded): most recent now."""
+        self._uses += 1
+        child.use_seq = self._uses
+        child.last_used = trio.current_time()
+
     def _grant(self, child: Child, waiter: Waiter) -> None:
         assert child.proc is not None
         if waiter.internal:  # a pinned/preload want: the model is loaded, nothing to hold
@@ -1476,7 +1491,7 @@ class Supervisor:
             return
         lease = Lease(child.profile, child.proc)
         child.leases.add(lease)
-        child.last_used = trio.current_time()
+        self._touch(child)
         self._recent = child.name
         waiter.lease = lease
         self._answer(waiter, lease)
@@ -1510,6 +1525,7 @@ class Supervisor:
         else:
             child.swap = {"from": None, "began": now, "stopped": now}
         self._children[profile.name] = child
+        self._touch(child)
         self._recent = profile.name
         self._cleared.pop(profile.name, None)  # each start is checked afresh
         self._transition(State.STARTING, child)
