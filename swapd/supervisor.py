@@ -924,8 +924,10 @@ class Supervisor:
         if measured is not None:
             child.measured = measured
             if measured.gpu_total and self.config.residency.mode == "budget":
-                # From now on the planner counts what llama-server really allocated.
+                # From now on the planner counts what llama-server really allocated,
+                # for this child and for the next load of the profile (sized afresh).
                 child.usage = _spread(measured, child.gpus) or child.usage
+                self.sizes.pop(profile.name, None)
         self._transition(State.READY, child)
         self._touch(child)
         child.idle_since = child.last_used

@@ -334,3 +334,15 @@ async def test_gpu_placement_sets_cuda_visible_devices_and_an_even_tensor_split(
         assert resident(sup) == ["a", "b"]  # 4 + 4 on GPU 1, 4 on GPU 0
         assert [g["planned"] for g in sup.status()["gpus"]] == [4 * GiB, 8 * GiB]
         await sup.shutdown()
+
+
+def test_a_fixed_llama_server_port_needs_one_model_at_a_time(tmp_path: Path) -> None:
+    from swapd.errors import ConfigError
+    with pytest.raises(ConfigError, match="each llama-server needs its own port"):
+        parse_config(f"""
+state_dir: {tmp_path}
+llama_server: {{port: 8081}}
+residency: {{mode: count, max_models: 2}}
+profiles:
+  a: {{model: a.gguf}}
+""", base_dir=tmp_path)
