@@ -194,8 +194,13 @@ class WontFit(Unavailable):
 
 
 class NotReadyNow(LeaseError):
-    """``Supervisor.try_lease``: the model is not ready this moment (nothing queued)."""
+    """``Supervisor.try_lease``: the model is not ready this moment (nothing queued).
 
+    Internal (``/props`` then describes the profile instead); if it ever reached a
+    client it would read like a queue timeout: not ready, retry later."""
+
+    status = 504
+    type = "timeout_error"
     code = "model_not_ready"
 
 

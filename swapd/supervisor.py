@@ -411,6 +411,7 @@ class Supervisor:
         self._unloading: set[str] = set()  # children an unload stops
         self._oom_retry: set[str] = set()  # profiles whose next start is an OOM retry
         self._uses = 0  # Child.use_seq's counter
+        self._kill_requested = False  # kill_now: the last cleanup kills, no grace
         self._shutting_down = False
         self._nursery: trio.Nursery | None = None
         self._detected_gpu: int | None = None
@@ -490,11 +491,21 @@ class Supervisor:
     def _want_resident(self) -> None:
         """Pinned and preload profiles: load them at start, as if a request waited."""
         for profile in self.config.profiles.values():
-            if not (profile.pinned or profile.preload):
-                continue
-            reply, _ = trio.open_memory_channel[Lease | LeaseError](1)
-            waiter = Waiter(profile.name, trio.current_time(), reply, internal=True)
-            self._waiting.setdefault(profile.name, deque()).append(waiter)
+            if profile.pinned or profile.preload:
+                self._want(profile)
+
+    def _want(self, profile: Profile) -> None:
+        """An internal want: a waiter whose reply nobody reads (the load is the point)."""
+        reply, _ = trio.open_memory_channel[Lease | LeaseError](1)
+        waiter = Waiter(profile.name, trio.current_time(), reply, internal=True)
+        self._waiting.setdefault(profile.name, deque()).append(waiter)
+
+    def _want_again(self, profile: Profile) -> None:
+        """A pinned model that crashed or hung comes back (after its backoff; an open
+        circuit answers the want and ends the retries)."""
+        if (profile.pinned and not self._shutting_down
+                and self.config.profiles.get(profile.name) == profile):
+            self._want(profile)
 
     @asynccontextmanager
     async def lease(self, name: str | None, *,
@@ -575,7 +586,12 @@ class Supervisor:
         return done.is_set()
 
     def kill_now(self) -> None:
-        """Kill every child at once (a second SIGTERM); never counted as a crash."""
+        """Kill every child at once (a second SIGTERM); never counted as a crash.
+
+        A command on the channel; should ``run`` end before the loop reads it, its last
+        cleanup kills instead of stopping gracefully.
+        """
+        self._kill_requested = True
         with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                  trio.ClosedResourceError):
             self._send.send_nowait(Kill())
@@ -1099,6 +1115,7 @@ class Supervisor:
         self._publish("crashed", fact=Crashed(proc.name, proc.exit_code, False),
                       profile=proc.name, exit_code=proc.exit_code)
         self._record_failure(proc.name, str(error))
+        self._want_again(child.profile)
 
     def _on_hung(self, proc: process.LlamaProcess, why: str) -> None:
         """A ready child stopped answering: kill it and treat it like a crash."""
@@ -1118,6 +1135,7 @@ class Supervisor:
         self._publish("hung", fact=Crashed(proc.name, proc.exit_code, True),
                       profile=proc.name, pid=proc.pid, message=str(error))
         self._record_failure(proc.name, str(error))
+        self._want_again(child.profile)
 
     def _on_stopped(self, child: Child) -> None:
         """A child's process is gone after a stop: forget it; a load it made room for
@@ -1772,6 +1790,9 @@ class Supervisor:
         for child in self._children.values():
             self._revoke(child, "swapd stopped at once, without waiting for requests")
         procs = [c.proc for c in self._children.values() if c.proc is not None and c.proc.alive]
+        if self._kill_requested:
+            for proc in procs:
+                proc.kill_now()
         async with trio.open_nursery() as nursery:
             for proc in procs:  # each bounded by its stop grace, all at once
                 nursery.start_soon(proc.stop, self.config.timeouts.stop)

@@ -346,3 +346,23 @@ residency: {{mode: count, max_models: 2}}
 profiles:
   a: {{model: a.gguf}}
 """, base_dir=tmp_path)
+
+
+async def test_a_pinned_model_that_crashes_comes_back_after_its_backoff(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=1.0)
+    profiles = """
+  a: {model: a.gguf, memory: 4GiB, pinned: true}
+  b: {model: b.gguf, memory: 4GiB}
+"""
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, residency_config(tmp_path, profiles=profiles),
+                                     launcher)
+        await trio.sleep(2)
+        launcher.launched[0].exit(139)
+        await trio.sleep(0.1)
+        assert sup.profile_state("a") is State.FAILED
+        await trio.sleep(10)  # restart.backoff, then a load
+        assert sup.profile_state("a") is State.READY and launcher.names == ["a", "a"]
+        assert sup.n_waiting == 0  # the internal want is nobody's request
+        await sup.shutdown()
