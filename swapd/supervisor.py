@@ -469,10 +469,10 @@ class Supervisor:
         if ((self.config.memory.guard or budget_mode) and self.config.memory.gpu is None):
             self._detected_gpu = await trio.to_thread.run_sync(detect_gpu_memory)
             if self._detected_gpu is None and budget_mode:
-                raise ConfigError(
+                raise ConfigError([
                     "residency.mode is budget but the GPU memory is unknown (no gpus, no "
                     "memory.gpu, and nvidia-smi did not say): set gpus: [{id: 0, memory: "
-                    "24GiB}] or memory.gpu")
+                    "24GiB}] or memory.gpu @ residency.mode"])
             if self._detected_gpu is None:
                 log.warning("memory.guard is on but the GPU memory is unknown (no nvidia-smi);"
                             " set memory.gpu")

@@ -366,3 +366,14 @@ async def test_a_pinned_model_that_crashes_comes_back_after_its_backoff(
         assert sup.profile_state("a") is State.READY and launcher.names == ["a", "a"]
         assert sup.n_waiting == 0  # the internal want is nobody's request
         await sup.shutdown()
+
+
+async def test_budget_mode_with_no_known_gpu_memory_refuses_to_start(
+        tmp_path: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from swapd import supervisor as module
+    from swapd.errors import ConfigError
+    monkeypatch.setattr(module, "detect_gpu_memory", lambda: None)  # no nvidia-smi
+    config = residency_config(tmp_path, gpus="[]")
+    sup = Supervisor(config, launcher=FakeLauncher())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="GPU memory is unknown"):
+        await sup.run()
