@@ -519,7 +519,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
                                 "display_name": e.profile.label,
                                 "context_length": e.context_length,
                                 "aliases": list(e.profile.aliases),
-                                "memory": fe.memory(e)}
+                                "memory": fe.memory(e),
+                                "footprint": sup.footprint_of(name)}
                          for name, e in fe.catalog.items()},
         })
 

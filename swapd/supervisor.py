@@ -120,6 +120,12 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
 EVICTION_REASONS = ("room", "ttl", "unload", "reload", "shutdown", "oom")
 """Why a resident model was stopped (``Evicted.reason``, ``swapd_evictions_total``)."""
 
+MEASURE_SETTLE = 0.2
+"""Seconds after readiness (and between looks) before a child's buffer lines are read."""
+
+MEASURE_WAIT = 2.0
+"""Seconds after readiness within which a child's buffer lines are looked for."""
+
 SIZE_TIMEOUT = 30.0
 """Seconds sizing a profile (stat its model, read the GGUF header) may take off-loop before
 it is planned as needing its whole GPU."""
@@ -308,7 +314,14 @@ class StartDone:
     profile: Profile
     proc: process.LlamaProcess | None
     error: StartError | None
-    measured: Footprint | None = None
+
+
+@attrs.frozen
+class Measured:
+    """The ready ``proc`` reported these buffers (llama-server's buffer lines)."""
+
+    proc: process.LlamaProcess
+    footprint: Footprint
 
 
 @attrs.frozen
@@ -353,7 +366,7 @@ Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
 Message = (Acquire | Release | Withdraw | Unload | Kill | Shutdown | Reload | Checked
-           | Sized | StartDone | Phase | Stopped | Exited | Hung)
+           | Sized | StartDone | Measured | Phase | Stopped | Exited | Hung)
 
 
 @attrs.frozen
@@ -690,6 +703,14 @@ class Supervisor:
                 "last_used": child.last_used, "pinned": child.profile.pinned})
         return rows
 
+    def footprint_of(self, name: str) -> dict[str, Any] | None:
+        """What the planner counts for a profile, and why (budget mode, once sized)."""
+        sized = self.sizes.get(name)
+        if sized is None:
+            return None
+        return {"planned": sized.footprint, "source": sized.source,
+                "estimate": sized.estimate, "measured": sized.measured}
+
     def gpu_status(self) -> list[dict[str, Any]]:
         """Per GPU: its budget, the bytes planned for resident models, and measured."""
         rows = []
@@ -796,15 +817,20 @@ class Supervisor:
                 self._sizing.discard(profile.name)
                 if self.config.profiles.get(profile.name) == profile:
                     self.sizes[profile.name] = message
-            case StartDone(profile, proc, error, measured):
+            case StartDone(profile, proc, error):
                 self.phase = None
                 child = self._children.get(profile.name)
                 if child is None or child.state not in (State.STARTING, State.STOPPING):
                     return  # not possible: a child leaves STARTING only through here
-                self._on_start_done(child, proc, error, measured)
+                self._on_start_done(child, proc, error)
                 if proc is not None and child.proc is proc and _ready(child):
                     assert self._nursery is not None
                     self._nursery.start_soon(self._probe_health, child, proc)
+                    self._nursery.start_soon(self._run_measure, child.profile, proc)
+            case Measured(proc, footprint):
+                child = self._children.get(proc.name)
+                if child is not None and child.proc is proc and child.state is State.READY:
+                    self._on_measured(child, footprint)
             case Phase(text):
                 self.phase = text
                 self._publish("phase", text=text, profile=message.profile)
@@ -903,7 +929,7 @@ class Supervisor:
                 child.proc.kill_now()
 
     def _on_start_done(self, child: Child, proc: process.LlamaProcess | None,
-                       error: StartError | None, measured: Footprint | None) -> None:
+                       error: StartError | None) -> None:
         profile = child.profile
         child.start_scope = None
         if child.state is State.STOPPING:  # a cancelled start
@@ -937,13 +963,6 @@ class Supervisor:
         self.load_seconds[profile.name] = seconds
         _write_load_times(self.config, self.load_seconds, self.state_writes)
         child.proc = proc
-        if measured is not None:
-            child.measured = measured
-            if measured.gpu_total and self.config.residency.mode == "budget":
-                # From now on the planner counts what llama-server really allocated,
-                # for this child and for the next load of the profile (sized afresh).
-                child.usage = _spread(measured, child.gpus) or child.usage
-                self.sizes.pop(profile.name, None)
         self._transition(State.READY, child)
         self._touch(child)
         child.idle_since = child.last_used
@@ -954,6 +973,18 @@ class Supervisor:
             health.opened_at = None  # the trial worked; its failures stay until stable
             self._publish("circuit_closed", profile=profile.name)
         self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
+
+    def _on_measured(self, child: Child, measured: Footprint) -> None:
+        """What a ready child really allocated: shown, and planned with in budget mode."""
+        child.measured = measured
+        if measured.gpu_total and self.config.residency.mode == "budget":
+            # From now on the planner counts what llama-server really allocated, for
+            # this child and for the next loads of the profile.
+            child.usage = _spread(measured, child.gpus) or child.usage
+            old = self.sizes.get(child.name)
+            self.sizes[child.name] = Sized(child.profile, measured.gpu_total, "measured",
+                                           old.estimate if old else None, measured.gpu_total)
+        self._publish("measured", profile=child.name, gpu_bytes=measured.gpu_total)
 
     def _retry_after_oom(self, child: Child, error: StartError) -> bool:
         """An out-of-memory start while idle models are resident: evict them, retry once.
@@ -1612,7 +1643,6 @@ class Supervisor:
         timeouts = self.config.timeouts
         proc: process.LlamaProcess | None = None
         error: StartError | None = None
-        measured: Footprint | None = None
         handed_over = False
         try:
             with scope:
@@ -1626,7 +1656,6 @@ class Supervisor:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._watch, proc)
                     await proc.wait_ready(timeouts.start, timeouts.health_interval)
-                    measured = await self._measure(profile, proc)
                     slots, size = self.slots.restorable(profile)
                     if slots:
                         await self._post_shielded(Phase(
@@ -1638,7 +1667,7 @@ class Supervisor:
                     error = failure
             if (error is not None or scope.cancelled_caught) and proc is not None:
                 await proc.stop(timeouts.stop)
-            await self._post_shielded(StartDone(profile, proc, error, measured))
+            await self._post_shielded(StartDone(profile, proc, error))
             handed_over = True
         finally:
             # Cancelled from outside (the supervisor itself is going away): the child
@@ -1647,20 +1676,29 @@ class Supervisor:
                 with trio.CancelScope(shield=True):  # bounded by stop()'s own grace
                     await proc.stop(timeouts.stop)
 
-    async def _measure(self, profile: Profile,
-                       proc: process.LlamaProcess) -> Footprint | None:
-        """What the child allocated, from its buffer lines; remembered in state_dir."""
-        measured = Footprint.parse(list(proc.tail))
+    async def _run_measure(self, profile: Profile, proc: process.LlamaProcess) -> None:
+        """What the ready child allocated, from its buffer lines; remembered in state_dir.
+
+        The lines come before readiness, but the output reader may not have read them
+        all yet: look after ``MEASURE_SETTLE``, then every ``MEASURE_SETTLE`` until
+        ``MEASURE_WAIT`` (a build that prints none is not waited for beyond that).
+        """
+        deadline = trio.current_time() + MEASURE_WAIT
+        measured: Footprint | None = None
+        while measured is None and proc.alive and trio.current_time() < deadline:
+            await trio.sleep(MEASURE_SETTLE)
+            measured = Footprint.parse(list(proc.tail))
         if measured is None:
-            return None
+            return
+        found = measured
 
         def remember() -> None:
             key = definition_key(profile.model, profile.flags, _mtime(profile.model))
-            self.footprints.put(profile.name, key, measured)
+            self.footprints.put(profile.name, key, found)
 
         with trio.move_on_after(SIZE_TIMEOUT):
             await trio.to_thread.run_sync(remember, abandon_on_cancel=True)
-        return measured
+        await self._post_shielded(Measured(proc, found))
 
     async def _run_size(self, profile: Profile) -> None:
         """Size a profile off-loop: measured, else ``memory:``, else the estimate, else

@@ -377,3 +377,34 @@ async def test_budget_mode_with_no_known_gpu_memory_refuses_to_start(
     sup = Supervisor(config, launcher=FakeLauncher())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="GPU memory is unknown"):
         await sup.run()
+
+
+class SlowStopProc(FakeProc):
+    async def stop(self, grace: float) -> int | None:
+        await trio.sleep(1.0)
+        return await super().stop(grace)
+
+
+class SlowStopLauncher(FakeLauncher):
+    def __call__(self, config: Config, profile: Profile, log: Any,
+                 extra_argv: Any = ()) -> FakeProc:
+        proc = SlowStopProc(profile, self.load_time, self.failing.get(profile.name))
+        self.launched.append(proc)
+        return proc
+
+
+async def test_nothing_more_is_evicted_for_a_load_while_its_victims_stop(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    launcher = SlowStopLauncher(load_time=1.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, residency_config(tmp_path), launcher)
+        await use(sup, "a")
+        await use(sup, "b")
+        nursery.start_soon(use, sup, "c")
+        await trio.sleep(0.5)  # a (least recently used) is stopping for c
+        assert sup.profile_state("a") is State.STOPPING
+        await use(sup, "b")  # messages while a stops: c must not plan another eviction
+        await trio.sleep(3)
+        assert resident(sup) == ["b", "c"]
+        assert facts(sup, Evicted) == [Evicted("a", "room")]
+        await sup.shutdown()
