@@ -690,6 +690,7 @@ class Supervisor:
         for child in self.children():
             proc = child.proc
             size = self.sizes.get(child.name)
+            elapsed, expected = self.load_progress(child.name)
             rows.append({
                 "name": child.name, "state": child.state.value,
                 "draining": child.draining_since is not None,
@@ -700,7 +701,8 @@ class Supervisor:
                               else (size.measured if size else None)},
                 "inflight": len(child.leases),
                 "idle_seconds": None if child.leases else round(now - child.idle_since, 3),
-                "last_used": child.last_used, "pinned": child.profile.pinned})
+                "last_used": child.last_used, "pinned": child.profile.pinned,
+                "load_elapsed": elapsed, "load_expected": expected})
         return rows
 
     def footprint_of(self, name: str) -> dict[str, Any] | None:

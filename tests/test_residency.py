@@ -408,3 +408,15 @@ async def test_nothing_more_is_evicted_for_a_load_while_its_victims_stop(
         assert resident(sup) == ["b", "c"]
         assert facts(sup, Evicted) == [Evicted("a", "room")]
         await sup.shutdown()
+
+
+def test_progress_describes_the_waited_for_model_while_several_load() -> None:
+    from swapd.progress import describe
+    status = {"state": "starting", "active": "b", "waiting": {"a": 1, "b": 1},
+              "load_elapsed": 1.0, "load_expected": 2.0, "phase": None,
+              "resident": [{"name": "b", "state": "starting", "load_elapsed": 1.0,
+                            "load_expected": 2.0},
+                           {"name": "a", "state": "starting", "load_elapsed": 3.0,
+                            "load_expected": 4.0}]}
+    assert describe(status, "a") == "loading a: 75% (ready in ~1s)"
+    assert describe(status, "b") == "loading b: 50% (ready in ~1s)"
