@@ -420,3 +420,23 @@ def test_progress_describes_the_waited_for_model_while_several_load() -> None:
                             "load_expected": 4.0}]}
     assert describe(status, "a") == "loading a: 75% (ready in ~1s)"
     assert describe(status, "b") == "loading b: 50% (ready in ~1s)"
+
+
+async def test_two_models_that_fit_load_at_the_same_time(tmp_path: Path,
+                                                         autojump_clock: Any) -> None:
+    launcher = FakeLauncher(load_time=5.0)
+    served: dict[str, float] = {}
+
+    async def ask(name: str) -> None:
+        await use(sup, name)
+        served[name] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, residency_config(tmp_path), launcher)
+        async with trio.open_nursery() as clients:
+            for name in "abab":
+                clients.start_soon(ask, name)
+        assert served["a"] == pytest.approx(5.0, abs=0.1)  # side by side, not one
+        assert served["b"] == pytest.approx(5.0, abs=0.1)  # after the other
+        assert launcher.names == ["a", "b"]
+        await sup.shutdown()
