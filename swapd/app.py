@@ -58,6 +58,9 @@ SSE_KEEPALIVE = 15.0
 LOG_LINES = 200
 """Lines ``/swapd/logs`` answers without ``?lines=``."""
 
+PROPS_TIMEOUT = 5.0
+"""Seconds ``/props`` waits for a ready child's own answer before describing the profile."""
+
 
 @attrs.define
 class Frontend:
@@ -118,10 +121,9 @@ class Frontend:
                 "fits": estimate.fits(gpu) if gpu else None}
 
     def status_of(self, name: str) -> str:
-        sup = self.supervisor
-        if sup.active is None or sup.active.name != name:
-            return "unloaded"
-        return {"ready": "loaded", "starting": "loading"}.get(sup.state.value, "unloaded")
+        """One profile's status, whatever else is resident: loaded, loading, unloaded."""
+        state = self.supervisor.profile_state(name).value
+        return {"ready": "loaded", "starting": "loading"}.get(state, "unloaded")
 
 
 def create_app(frontend: Frontend) -> Any:
@@ -380,15 +382,20 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
     async def ollama_ps() -> Response:
         loaded = []
         sup = fe.supervisor
-        active = sup.active
-        # .get: a reload may have removed the running profile (it unloads once idle).
-        entry = fe.catalog.get(active.name) if active is not None else None
-        if active is not None and entry is not None and sup.state.value == "ready":
-            ttl = active.ttl if active.ttl is not None else fe.config.ttl
+        for row in sup.resident():
+            # .get: a reload may have removed a running profile (it unloads once idle).
+            entry = fe.catalog.get(row["name"])
+            if entry is None or row["state"] != "ready":
+                continue
+            profile = entry.profile
+            ttl = profile.ttl if profile.ttl is not None else fe.config.ttl
             # Ollama reports a far-future time for "never unloads".
-            expires = _iso(time.time() + ttl) if ttl else "2318-01-01T00:00:00+00:00"
+            expires = (_iso(time.time() + ttl) if ttl and not profile.pinned
+                       else "2318-01-01T00:00:00+00:00")
+            footprint = row["footprint"]
+            size = footprint["measured"] or row["planned"] or footprint["estimate"]
             loaded.append({**ollama_model(entry), "expires_at": expires,
-                           "size_vram": entry.file_size,
+                           "size_vram": size or entry.file_size,
                            "context_length": entry.context_length})
         return _json({"models": loaded})
 
@@ -420,16 +427,19 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
         sup = fe.supervisor
         if entry is None:  # nothing loaded and no name: describe the first profile
             entry = next(iter(fe.catalog.values()))
-        proc = sup.proc
-        if (proc is not None and sup.active is not None and sup.active.name == entry.name
-                and sup.state.value == "ready"):
-            try:
-                with trio.fail_after(5):
-                    live = await proc.client.get("/props")
-                return Response(live.content, status=live.status_code,
-                                mimetype="application/json")
-            except (trio.TooSlowError, OSError, Exception):
-                pass
+        # Ask the child only under a lease, and only if it is ready anyway: a probe
+        # for /props never loads, queues for or holds up a swap.
+        async with sup.try_lease(entry.name) as lease:
+            if lease is not None:
+                try:
+                    live = None
+                    with lease.scope, trio.fail_after(PROPS_TIMEOUT):
+                        live = await lease.proc.client.get("/props")
+                    if live is not None:
+                        return Response(live.content, status=live.status_code,
+                                        mimetype="application/json")
+                except (trio.TooSlowError, OSError, Exception):
+                    pass
         return _json({
             "default_generation_settings": {"n_ctx": entry.context_length, "params": {}},
             "total_slots": int(entry.profile.flags.get("parallel") or 1),  # type: ignore[arg-type]
@@ -509,7 +519,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
                                 "display_name": e.profile.label,
                                 "context_length": e.context_length,
                                 "aliases": list(e.profile.aliases),
-                                "memory": fe.memory(e)}
+                                "memory": fe.memory(e),
+                                "footprint": sup.footprint_of(name)}
                          for name, e in fe.catalog.items()},
         })
 
@@ -548,7 +559,12 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
     @app.route("/swapd/unload", methods=["POST"])
     async def unload() -> Response:
         sup = fe.supervisor
-        if not await sup.unload():
+        name = _name_field(await _json_body(), "model", "name") or request.args.get("model")
+        try:
+            finished = await (sup.unload(name) if name else sup.unload())
+        except LeaseError as error:  # no such profile
+            return _openai_error(error.status, str(error), error.type, error.code)
+        if not finished:
             status = sup.status()
             pid = f"pid {status['pid']}, " if status["pid"] else ""
             running = (f"{status['active'] or 'no model'} ({pid}state {status['state']}, "
@@ -557,6 +573,11 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
                 504, f"the unload did not finish within {sup.unload_timeout:g}s (drain, "
                 f"cache save, stop); still running: {running}; see swapd status and "
                 "swapd logs", "timeout_error", "unload_timeout")
+        if name:
+            resolved = sup.config.resolve(name)
+            shown = resolved.name if isinstance(resolved, Profile) else name
+            return _json({"status": "unloaded", "model": shown,
+                          "state": sup.profile_state(shown).value})
         return _json({"status": "unloaded", "state": sup.state.value})
 
     @app.route("/swapd/logs")

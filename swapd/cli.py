@@ -313,10 +313,13 @@ def _client_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser
                     "model once its in-flight requests are done; prints each phase while "
                     "it waits. Exits 1 with the model's exit code and output if it fails.")
     load.add_argument("profile", metavar="PROFILE", help="profile name or alias")
-    commands.add_parser(
-        "unload", parents=[remote], help="stop the running model",
-        description="Stop the running model once its in-flight requests are done (after "
-                    "a crash: clear the failed state). Exits 1 if it did not finish.")
+    unload = commands.add_parser(
+        "unload", parents=[remote], help="stop the running model(s), or one by name",
+        description="Stop PROFILE, or with no name every resident model but the pinned "
+                    "ones, once their in-flight requests are done (after a crash: clear "
+                    "the failed state). Exits 1 if it did not finish.")
+    unload.add_argument("profile", metavar="PROFILE", nargs="?",
+                        help="profile name or alias (default: every unpinned model)")
     logs = commands.add_parser(
         "logs", parents=[remote], help="show llama-server's recent output",
         description="The last lines llama-server wrote (every model swapd ran).")
@@ -494,6 +497,22 @@ def format_status(status: Mapping[str, Any], *, url: str) -> list[str]:
     lines.append(f"{'swaps':<11}{status.get('swaps', 0)} "
                  f"({status.get('starts_failed', 0)} failed starts, "
                  f"{status.get('crashes', 0)} crashes)")
+    for row in status.get("resident") or ():
+        details = [f"pid {row['pid']}"] if row.get("pid") else []
+        if row.get("gpus"):
+            details.append("GPU " + ",".join(map(str, row["gpus"])))
+        if row.get("planned"):
+            details.append(f"{_gib(row['planned'])} planned")
+        details.append(f"{row.get('inflight', 0)} in flight")
+        flags = (" pinned" if row.get("pinned") else "") + (
+            " draining" if row.get("draining") else "")
+        lines.append(f"{'resident':<11}{row['name']} {row['state']}{flags} "
+                     f"({', '.join(details)})")
+    for gpu in status.get("gpus") or ():
+        if gpu.get("budget"):
+            measured = f", {_gib(gpu['measured'])} measured" if gpu.get("measured") else ""
+            lines.append(f"{'gpu ' + str(gpu['id']):<11}{_gib(gpu['planned'])} of "
+                         f"{_gib(gpu['budget'])} planned{measured}")
     circuits = status.get("circuits") or {}
     if not any(c.get("state") != "closed" for c in circuits.values()):
         lines.append(f"{'circuits':<11}all closed")
@@ -533,6 +552,10 @@ def format_status(status: Mapping[str, Any], *, url: str) -> list[str]:
             lines.append(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  "
                          f"{row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}".rstrip())
     return lines
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def format_duration(seconds: float) -> str:
@@ -728,6 +751,13 @@ async def _sse_data(response: httpx.Response) -> AsyncIterator[Any]:
 # --- unload, logs, events -------------------------------------------------------------
 
 async def _unload(remote: Remote, args: argparse.Namespace) -> int:
+    if getattr(args, "profile", None):
+        async with remote.client() as client:
+            response = await client.post("/swapd/unload", json={"model": args.profile})
+            remote.check(response)  # 404 for no such profile, 504 if it did not finish
+            answer = response.json()
+            remote.print(f"unloaded {answer.get('model')} (state: {answer.get('state')})")
+            return 0
     async with remote.client() as client:
         status = await remote.get_json(client, "/swapd/status")
         active = status.get("active")

@@ -809,6 +809,11 @@ class Config:
         if port is not None and port == self.listen.port:
             raise _Problem(f"port {port} is also swapd's listen port",
                            hint="choose another port or 'auto'", at="llama_server.port")
+        if port is not None and self.residency.cap != 1:
+            raise _Problem(f"port {port} is fixed, but several models may be loaded at once "
+                           "and each llama-server needs its own port",
+                           hint="use port: auto, or residency.max_models: 1",
+                           at="llama_server.port")
         ids = [gpu.id for gpu in self.gpus]
         for index, gpu_id in enumerate(ids):
             if gpu_id in ids[:index]:

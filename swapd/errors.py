@@ -15,7 +15,9 @@
     │   ├── QueueTimeout       504: the model was not ready within ``timeouts.queue_wait``
     │   └── Unavailable        503: nothing can serve it (says what was tried)
     │       ├── LocalFailed    the local start failed: the fallback chain may serve it
-    │       └── CircuitOpen    local starts of the profile are paused: fallbacks may serve it
+    │       ├── CircuitOpen    local starts of the profile are paused: fallbacks may serve it
+    │       └── WontFit        the planner: it cannot fit beside pinned models or at all
+    ├── NotReadyNow            (internal) the model is not ready this moment: no lease
     └── ShuttingDown           503: swapd is stopping
 
 Messages name the object and, where there is one, the fix. Each ``LeaseError`` knows the
@@ -178,6 +180,28 @@ class CircuitOpen(Unavailable):
         super().__init__(
             f"profile {profile!r} failed {failures} times in a row (restart.max_failures); "
             f"local starts are paused for {retry_in:.0f}s more{why}")
+
+
+class WontFit(Unavailable):
+    """The residency planner found no way to fit the model, even with every evictable
+    model gone; the message has the numbers. Fallbacks may serve it."""
+
+    code = "model_too_large"
+
+    def __init__(self, profile: str, reason: str) -> None:
+        self.profile = profile
+        super().__init__(f"model {profile!r} cannot be loaded here: {reason}")
+
+
+class NotReadyNow(LeaseError):
+    """``Supervisor.try_lease``: the model is not ready this moment (nothing queued).
+
+    Internal (``/props`` then describes the profile instead); if it ever reached a
+    client it would read like a queue timeout: not ready, retry later."""
+
+    status = 504
+    type = "timeout_error"
+    code = "model_not_ready"
 
 
 class ShuttingDown(LeaseError):

@@ -82,6 +82,10 @@ class FootprintStore:
         self._entries: dict[str, dict[str, object]] = self._read()
         self._warned = False
 
+    def has(self, profile: str) -> bool:
+        """Is any measurement of ``profile`` kept (of whichever definition)?"""
+        return profile in self._entries
+
     def get(self, profile: str, key: str) -> Footprint | None:
         entry = self._entries.get(profile)
         if entry is None or entry.get("key") != key:

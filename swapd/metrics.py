@@ -2,21 +2,21 @@
 
 Gauges that describe "now" (state, active profile, queue, circuits) are read from the
 supervisor at scrape time, so they can never drift. Counters and histograms of things
-that happened come from two places: the supervisor's published events (swaps, loads,
-failures), followed by ``follow_events``, and the proxy (requests, time to first byte,
-queue wait, fallback use).
+that happened come from two places: the supervisor's published facts (``Swapped``,
+``Loaded``, ``Evicted``, ``LoadFailed``, ``Crashed``: counted as published, never
+re-derived from state changes), followed by ``follow_events``, and the proxy (requests,
+time to first byte, queue wait, fallback use).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .supervisor import State, Supervisor
+from .supervisor import Crashed, Evicted, Loaded, LoadFailed, State, Supervisor, Swapped
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
            120, 300)
@@ -37,9 +37,12 @@ class Metrics:
         self.fallback = Counter("swapd_fallback_requests", "Requests served or refused by "
                                 "fallback upstreams", ["upstream", "result"], registry=r)
         self.swaps = Counter("swapd_swaps", "Model swaps by result", ["result"], registry=r)
-        self.swap_seconds = Histogram("swapd_swap_duration_seconds", "From stopping one "
-                                      "model to the next being ready", buckets=SECONDS,
-                                      registry=r)
+        self.swap_seconds = Histogram("swapd_swap_duration_seconds", "From stopping "
+                                      "models to make room to the new one being ready",
+                                      buckets=SECONDS, registry=r)
+        self.evictions = Counter("swapd_evictions", "Resident models stopped, by reason "
+                                 "(room, ttl, unload, reload, shutdown, oom)", ["reason"],
+                                 registry=r)
         self.load_seconds = Histogram("swapd_load_duration_seconds", "From spawn to healthy",
                                       ["profile"], buckets=SECONDS, registry=r)
         self.failures = Counter("swapd_child_failures", "Failed starts, crashes and hangs "
@@ -71,33 +74,32 @@ class Metrics:
         """Turn the supervisor's published events into counters; runs for swapd's life."""
         sup = self.supervisor
         seen = sup.events[-1].seq if sup.events else 0
-        stopping_since: float | None = None
         failed: set[str] = set()
         while True:
             await sup.wait_changed()
             for event in [e for e in sup.events if e.seq > seen]:
                 seen = event.seq
-                profile = str(event.data.get("profile"))
-                match event.kind:
-                    case "shutdown":
-                        return
-                    case "stopping":
-                        stopping_since = trio.current_time()
-                    case "starting" if profile in failed:
-                        self.restarts.labels(profile).inc()
-                    case "ready":
+                if event.kind == "shutdown":
+                    return
+                if event.kind == "starting" and event.data.get("profile") in failed:
+                    self.restarts.labels(str(event.data["profile"])).inc()
+                match event.fact:
+                    case Loaded(profile, _, load_s):
                         failed.discard(profile)
-                        self.load_seconds.labels(profile).observe(event.data["load_seconds"])
-                        if stopping_since is not None:
-                            self.swaps.labels("ok").inc()
-                            self.swap_seconds.observe(trio.current_time() - stopping_since)
-                            stopping_since = None
-                    case "start_failed" | "crashed" | "hung":
+                        self.load_seconds.labels(profile).observe(load_s)
+                    case Swapped(_, _, stop_s, load_s):
+                        self.swaps.labels("ok").inc()
+                        self.swap_seconds.observe(stop_s + load_s)
+                    case Evicted(_, reason):
+                        self.evictions.labels(reason).inc()
+                    case LoadFailed(profile, _, _, swap):
                         failed.add(profile)
-                        self.failures.labels(profile, event.kind).inc()
-                        if stopping_since is not None and event.kind == "start_failed":
+                        self.failures.labels(profile, "start_failed").inc()
+                        if swap:
                             self.swaps.labels("failed").inc()
-                            stopping_since = None
+                    case Crashed(profile, _, hung):
+                        failed.add(profile)
+                        self.failures.labels(profile, "hung" if hung else "crashed").inc()
 
 
 class _LiveState(Collector):
@@ -116,6 +118,25 @@ class _LiveState(Collector):
         for name in sup.config.profiles:
             active.add_metric([name], 1.0 if sup.active and sup.active.name == name else 0.0)
         yield active
+        per_profile = GaugeMetricFamily("swapd_profile_state", "1 for each profile's state "
+                                        "(several models may be resident)",
+                                        labels=["profile", "state"])
+        for name in sup.config.profiles:
+            current = sup.profile_state(name)
+            for s in State:
+                per_profile.add_metric([name, s.value], 1.0 if current is s else 0.0)
+        yield per_profile
+        gpus = sup.gpu_status()
+        planned = GaugeMetricFamily("swapd_gpu_planned_bytes", "Bytes the residency "
+                                    "planner counts as used on each GPU", labels=["gpu"])
+        measured = GaugeMetricFamily("swapd_gpu_measured_bytes", "Bytes resident models "
+                                     "reported allocating on each GPU (buffer lines)",
+                                     labels=["gpu"])
+        for gpu in gpus:
+            planned.add_metric([str(gpu["id"])], gpu["planned"])
+            measured.add_metric([str(gpu["id"])], gpu["measured"])
+        yield planned
+        yield measured
         waiting = GaugeMetricFamily("swapd_queue_depth", "Requests waiting for a model",
                                     labels=["profile"])
         for name, count in sup.waiting_by_profile().items():

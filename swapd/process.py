@@ -145,8 +145,12 @@ class ChildLog:
             self._file = None
 
 
+OOM_HINTS = ("out of memory", "cudaMalloc failed", "failed to allocate",
+             "ErrorOutOfDeviceMemory")
+"""What llama-server prints when (GPU) memory ran out while it loads."""
+
 _DIAGNOSES = (  # most specific first: an OOM also ends in "failed to load model"
-    (("out of memory", "cudaMalloc failed", "failed to allocate", "ErrorOutOfDeviceMemory"),
+    (OOM_HINTS,
      "not enough (GPU) memory: lower ctx-size, offload fewer layers (n-gpu-layers) or use "
      "a smaller cache-type-k/v"),
     (("couldn't bind", "ddress already in use"),
@@ -157,6 +161,12 @@ _DIAGNOSES = (  # most specific first: an OOM also ends in "failed to load model
      "the model could not be loaded: check that the profile's model path is a readable "
      "GGUF file this llama-server build supports"),
 )
+
+
+def is_oom(tail: Sequence[str]) -> bool:
+    """Did the child run out of (GPU) memory, by its last lines?"""
+    text = "\n".join(tail)
+    return any(hint in text for hint in OOM_HINTS)
 
 
 def diagnose(tail: Sequence[str]) -> str:

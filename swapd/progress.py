@@ -67,6 +67,13 @@ def error_event(message: str, type_: str, code: str) -> bytes:
 
 def describe(status: dict[str, Any], profile: str) -> str:
     """One progress line from the supervisor's status, as seen by a request for ``profile``."""
+    for row in status.get("resident") or ():
+        if row.get("name") == profile and row.get("state") == "starting" \
+                and status.get("active") != profile:
+            # Several models load at once: this request's own, not the latest one.
+            status = {**status, "active": profile, "state": "starting", "phase": None,
+                      "load_elapsed": row.get("load_elapsed"),
+                      "load_expected": row.get("load_expected")}
     state = status["state"]
     active = status["active"]
     if active == profile and status.get("phase"):

@@ -27,7 +27,7 @@ import trio
 
 from . import progress
 from .config import Config, Fallback, Profile
-from .errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel
+from .errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel, WontFit
 from .fallback import RETRY_NEXT, FallbackChain, describe
 from .metrics import Metrics
 from .supervisor import Lease, Supervisor
@@ -273,7 +273,7 @@ class InferenceProxy:
                 lease = error
         self.metrics.queue_wait.labels(ex.label).observe(trio.current_time() - ex.started)
         if isinstance(lease, LeaseError):
-            if isinstance(lease, LocalFailed | CircuitOpen) and self.fallbacks:
+            if isinstance(lease, LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
                 await self._remote(ex, self.fallbacks.fallbacks, reason=str(lease))
             else:
                 await ex.fail(lease.status, str(lease), lease.type, lease.code,
@@ -313,7 +313,7 @@ class InferenceProxy:
             except LeaseError as error:
                 result.append(error)
             nursery.cancel_scope.cancel()
-        if isinstance(result[0], LocalFailed | CircuitOpen) and self.fallbacks:
+        if isinstance(result[0], LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
             line = chunks.reasoning(f"{model} can't start here; trying the fallbacks")
             if line is not None and self.config.progress.reasoning:
                 await ex.body_part(line)

@@ -181,8 +181,7 @@ async def _main(config: Config, config_path: Path) -> int:
                             log.warning("second %s: stopping without waiting for requests",
                                         signal.Signals(signum).name)
                             forced = True
-                            if running.supervisor.proc is not None:
-                                running.supervisor.proc.kill_now()
+                            running.supervisor.kill_now()  # a command, not a crash
                             nursery.cancel_scope.cancel()  # cuts the graceful drain short
                             return
 

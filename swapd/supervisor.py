@@ -1,29 +1,39 @@
-"""The supervisor: the one owner of the llama-server process and of what it serves.
+"""The supervisor: the one owner of the llama-server processes and of what they serve.
 
-A single trio task (``Supervisor.run``) owns the state machine, the child, the in-flight
-leases and the waiting queue. Everything else talks to it through one bounded memory
+A single trio task (``Supervisor.run``) owns one state machine per child (:class:`Child`:
+starting, ready, draining, stopping), the in-flight leases, the waiting queue and the
+residency planner's calls. Everything else talks to it through one bounded memory
 channel: requests send ``Acquire``/``Release``/``Withdraw``, operators ``Unload``/
-``Shutdown``, and the supervisor's own helper tasks report ``Checked``, ``StartDone``,
-``Stopped``, ``Exited`` and ``Hung``. Preflights, starts and stops run in helper tasks so
-the loop keeps answering (and queueing) while a model loads.
+``Shutdown``/``Kill``, and the supervisor's own helper tasks report ``Checked``,
+``Sized``, ``StartDone``, ``Stopped``, ``Exited`` and ``Hung``. Preflights, sizing,
+starts and stops run in helper tasks so the loop keeps answering (and queueing) while a
+model loads.
 
 A ready child is also watched for life (``_probe_health``): one that sent nothing for
 ``timeouts.health_check`` is asked ``/health``, and ``HEALTH_MISSES`` unanswered probes
-in a row make it ``Hung``: it is killed and handled like a crash (leases revoked, backoff,
-circuit), because a stopped or deadlocked llama-server never exits by itself.
+in a row make it ``Hung``: it is killed and handled like a crash (its leases revoked,
+backoff, circuit), because a stopped or deadlocked llama-server never exits by itself.
+A crash or hang of one child touches only that child's requests.
 
-Scheduling, in one function (``_schedule``):
+Scheduling, in one function (``_schedule``), per profile with waiters, oldest first:
 
-* a request for the ready model is granted at once;
-* a request for another model first waits for that profile's preflight (a helper task:
-  model file, flag names; see ``preflight.py``), so that nothing is drained or stopped
-  for a profile that cannot start: one that fails it is answered at once (503, its
-  circuit counts it, fallbacks may serve it) and the running model never notices;
-* while another model's requests wait, the ready model keeps taking newcomers only until
-  the oldest of those has waited ``queue.starvation_bound``; then it drains (in-flight
-  requests finish, bounded by ``timeouts.drain``) and is stopped;
-* the next model is the one whose oldest waiting request has waited longest, and every
-  request waiting for it is served together (ABCABC costs three loads, not six).
+* a request for a ready, non-draining child is granted at once (all its waiters together:
+  ABCABC costs three loads, not six);
+* a request for a starting child waits for it;
+* otherwise the pure planner (``planner.plan``) decides from the residents' footprints,
+  the GPUs' budgets and ``residency.max_models``: **load** now (several starts run at once
+  when they fit), **load after stopping** idle models (least recently used first), **wait**
+  for busy ones (past ``queue.starvation_bound`` the fewest needed are drained: in-flight
+  requests finish, bounded by ``timeouts.drain``), or **never** (503 ``model_too_large``,
+  fallbacks may serve it);
+* nothing is drained or stopped for a profile before its preflight (a helper task: model
+  file, flag names; see ``preflight.py``) passed: one that fails is answered at once (503,
+  its circuit counts it) and the resident models never notice.
+
+With the defaults (``residency.mode: count``, ``max_models: 1``) this is exactly the
+one-model-at-a-time swapping of earlier versions. The supervisor publishes typed facts
+(:class:`Loaded`, :class:`Swapped`, :class:`Evicted`, :class:`LoadFailed`,
+:class:`Crashed`) on its events; metrics and status read those instead of re-deriving.
 """
 
 from __future__ import annotations
@@ -43,23 +53,28 @@ from typing import Any
 import attrs
 import trio
 
-from . import process
+from . import planner, process
 from .config import Config, Profile
 from .errors import (
     CircuitOpen,
+    ConfigError,
     LeaseError,
     LocalFailed,
     ModelCrashed,
     ModelHung,
     NoModelLoaded,
+    NotReadyNow,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
     StartError,
     StartFailed,
     UnknownModel,
+    WontFit,
 )
 from .estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
+from .flags import canonical_flag
+from .footprint import Footprint, FootprintStore, definition_key
 from .preflight import Preflight, PreflightCheck
 from .slotcache import SLOT_TIMEOUT, SlotCache
 from .statedir import WriteErrors
@@ -69,6 +84,9 @@ log = logging.getLogger(__name__)
 HEALTH_MISSES = 3
 """Liveness probes in a row a ready child may leave unanswered before it counts as hung."""
 
+
+POST_TIMEOUT = 5.0
+"""Seconds a helper task's report may wait for room in the supervisor's channel."""
 
 UNLOAD_MARGIN = 10.0
 """Seconds an unload may take beyond its drain, cache save and stop grace (the stop's
@@ -84,14 +102,33 @@ class State(enum.Enum):
 
 
 _TRANSITIONS: dict[State, frozenset[State]] = {
+    # Each child's machine (one per profile that has a process or a start under way).
+    # IDLE and FAILED are also what a profile with no child is in.
     State.IDLE: frozenset({State.STARTING}),
-    # STOPPING: a start cancelled by unload or shutdown.
+    # STOPPING: a start cancelled by unload, shutdown or a reload, or an out-of-memory
+    # start that is retried once after evicting idle models (no failure counted).
     State.STARTING: frozenset({State.READY, State.FAILED, State.STOPPING}),
-    # FAILED: the child crashed while serving.
+    # FAILED: the child crashed or hung while serving. Draining is a sub-state of READY
+    # (``Child.draining_since``): no new grants, stopped when its leases are back.
     State.READY: frozenset({State.STOPPING, State.FAILED}),
+    # IDLE: the process is gone; the child is forgotten.
     State.STOPPING: frozenset({State.IDLE}),
+    # STARTING: a retry; IDLE: an unload clears the failure state (not its circuit).
     State.FAILED: frozenset({State.STARTING, State.IDLE}),
 }
+
+EVICTION_REASONS = ("room", "ttl", "unload", "reload", "shutdown", "oom")
+"""Why a resident model was stopped (``Evicted.reason``, ``swapd_evictions_total``)."""
+
+MEASURE_SETTLE = 0.2
+"""Seconds after readiness (and between looks) before a child's buffer lines are read."""
+
+MEASURE_WAIT = 2.0
+"""Seconds after readiness within which a child's buffer lines are looked for."""
+
+SIZE_TIMEOUT = 30.0
+"""Seconds sizing a profile (stat its model, read the GGUF header) may take off-loop before
+it is planned as needing its whole GPU."""
 
 
 class IllegalTransition(RuntimeError):
@@ -121,6 +158,85 @@ class Waiter:
     reply: trio.MemorySendChannel[Lease | LeaseError]
     answered: bool = False
     lease: Lease | None = None
+    ready_only: bool = False  # ``try_lease``: grant now or refuse, never queue or load
+    internal: bool = False  # a pinned/preload want at start: nobody reads the reply
+
+
+@attrs.define(eq=False)
+class Child:
+    """One llama-server the supervisor runs (or is starting, draining, stopping).
+
+    Its ``state`` moves only through ``Supervisor._transition``; ``draining_since`` set
+    on a READY child is the draining sub-state: no new grants, and it is stopped once its
+    leases are back (or cut at ``timeouts.drain``).
+    """
+
+    profile: Profile
+    state: State = State.IDLE
+    proc: process.LlamaProcess | None = None
+    leases: set[Lease] = attrs.field(factory=set)
+    draining_since: float | None = None
+    drain_reason: str | None = None  # one of EVICTION_REASONS
+    idle_since: float = 0.0
+    last_used: float = 0.0  # trio time of the last grant or release
+    use_seq: int = 0  # the same, as a strict order (ties in time are common in bursts)
+    start_scope: trio.CancelScope | None = None
+    start_began: float | None = None
+    usage: dict[int, int] = attrs.field(factory=dict)  # planned bytes per GPU id
+    swap: dict[str, Any] = attrs.field(factory=dict)  # from, began, stopped: its load record
+    room_for: str | None = None  # stopped to make room for this profile
+    measured: Footprint | None = None
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        return tuple(sorted(self.usage))
+
+
+# -- facts the supervisor publishes (frozen; the one source for metrics and status) --
+
+@attrs.frozen
+class Loaded:
+    profile: str
+    gpus: tuple[int, ...]
+    load_s: float
+
+
+@attrs.frozen
+class Swapped:
+    """A load that needed a stop first: ``from_`` were stopped to make room for ``to``."""
+
+    from_: tuple[str, ...]
+    to: str
+    stop_s: float
+    load_s: float
+
+
+@attrs.frozen
+class Evicted:
+    profile: str
+    reason: str  # one of EVICTION_REASONS
+
+
+@attrs.frozen
+class LoadFailed:
+    profile: str
+    message: str
+    exit_code: int | None
+    swap: bool  # a stop was made to make room for it
+
+
+@attrs.frozen
+class Crashed:
+    profile: str
+    exit_code: int | None
+    hung: bool
+
+
+Fact = Loaded | Swapped | Evicted | LoadFailed | Crashed
 
 
 @attrs.define
@@ -166,6 +282,12 @@ class Withdraw:
 @attrs.frozen
 class Unload:
     done: trio.Event
+    name: str | None = None  # None: every resident model but the pinned ones
+
+
+@attrs.frozen
+class Kill:
+    """Kill every child now (a second SIGTERM): a stop, not a crash."""
 
 
 @attrs.frozen
@@ -195,10 +317,30 @@ class StartDone:
 
 
 @attrs.frozen
+class Measured:
+    """The ready ``proc`` reported these buffers (llama-server's buffer lines)."""
+
+    proc: process.LlamaProcess
+    footprint: Footprint
+
+
+@attrs.frozen
+class Sized:
+    """The footprint of ``profile`` (bytes), and where it came from."""
+
+    profile: Profile
+    footprint: int
+    source: str  # "measured", "memory", "estimate", "gpu"
+    estimate: int | None
+    measured: int | None
+
+
+@attrs.frozen
 class Phase:
     """A start or stop task says what it is doing now (for progress messages)."""
 
     text: str | None
+    profile: str | None = None
 
 
 @attrs.frozen
@@ -223,8 +365,8 @@ Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
                     process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
-Message = (Acquire | Release | Withdraw | Unload | Shutdown | Reload | Checked | StartDone
-           | Phase | Stopped | Exited | Hung)
+Message = (Acquire | Release | Withdraw | Unload | Kill | Shutdown | Reload | Checked
+           | Sized | StartDone | Measured | Phase | Stopped | Exited | Hung)
 
 
 @attrs.frozen
@@ -235,10 +377,11 @@ class Event:
     at: float  # wall clock, for people
     kind: str
     data: dict[str, Any]
+    fact: Fact | None = None
 
 
 class Supervisor:
-    """Owns the child and the state machine. See the module docstring."""
+    """Owns the children and their state machines. See the module docstring."""
 
     def __init__(self, config: Config, *, child_log: process.ChildLog | None = None,
                  launcher: Launcher = process.launch,
@@ -250,54 +393,105 @@ class Supervisor:
         self.child_log = child_log
         self.state_writes = child_log.errors if child_log is not None else WriteErrors()
         """Failed writes into state_dir (log, pidfile, load times, caches): never fatal."""
-        self.state = State.IDLE
-        self.active: Profile | None = None
-        self.proc: process.LlamaProcess | None = None
+        self._children: dict[str, Child] = {}
+        self._failed: dict[str, float] = {}  # profiles in FAILED (no child): since when
+        self._recent: str | None = None  # the profile most recently started or used
         self.last_error: StartError | ModelCrashed | None = None
         self.last_error_at: float | None = None  # wall clock
         self.events: deque[Event] = deque(maxlen=256)
         self.load_seconds: dict[str, float] = _read_load_times(config)
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0, "hangs": 0}
+        self.evictions: dict[str, int] = dict.fromkeys(EVICTION_REASONS, 0)
         self.health: dict[str, ProfileHealth] = {}
         self.slots = SlotCache(config.state_dir / "slots", config, self.state_writes)
+        self.footprints = FootprintStore(config.state_dir / "footprints.json")
+        self.sizes: dict[str, Sized] = {}  # the footprint planned for each profile
         self.phase: str | None = None
         """What the running start or stop is doing, when it is more than starting."""
         self.history: deque[dict[str, Any]] = deque(maxlen=50)
         """The last loads: from, to, stop/load/total seconds, result (status, the UI)."""
-        self._swap: dict[str, Any] = {}
+        self._room: dict[str, dict[str, Any]] = {}  # target -> its swap record so far
         self._wall = clock
         self._seq = 0
         self._changed = trio.Event()
         self._send, self._receive = trio.open_memory_channel[Message](
             max(64, 4 * config.queue.max_waiting))
-        self._leases: set[Lease] = set()
         self._waiting: dict[str, deque[Waiter]] = {}
         self._checking: set[str] = set()  # profiles whose preflight runs now
+        self._sizing: set[str] = set()  # profiles being sized now
         self._cleared: dict[str, Profile] = {}  # passed it; the next start consumes it
-        self._draining_since: float | None = None
-        self._idle_since = 0.0
-        self._start_began: float | None = None
-        self._start_scope: trio.CancelScope | None = None
-        self._unloads: list[trio.Event] = []
-        self._unload_requested = False
+        self._unloads: list[tuple[frozenset[str], trio.Event]] = []
+        self._unloading: set[str] = set()  # children an unload stops
+        self._oom_retry: set[str] = set()  # profiles whose next start is an OOM retry
+        self._uses = 0  # Child.use_seq's counter
+        self._kill_requested = False  # kill_now: the last cleanup kills, no grace
         self._shutting_down = False
         self._nursery: trio.Nursery | None = None
         self._detected_gpu: int | None = None
 
+    # ------------------------------------------------------- read-only views
+
+    @property
+    def state(self) -> State:
+        """The state of the most recently used child (IDLE when none runs; FAILED when
+        the last start or child failed and nothing else runs)."""
+        child = self._current()
+        if child is not None:
+            return child.state
+        if self._recent is not None and self._recent in self._failed:
+            return State.FAILED
+        return State.IDLE
+
+    @property
+    def active(self) -> Profile | None:
+        """The profile of the most recently used child, or None."""
+        child = self._current()
+        return child.profile if child is not None else None
+
+    @property
+    def proc(self) -> process.LlamaProcess | None:
+        """The process of the most recently used child (None while it starts)."""
+        child = self._current()
+        return child.proc if child is not None else None
+
+    def _current(self) -> Child | None:
+        if self._recent is not None and self._recent in self._children:
+            return self._children[self._recent]
+        if not self._children:
+            return None
+        return max(self._children.values(), key=lambda c: c.use_seq)
+
+    def children(self) -> list[Child]:
+        """Every child, most recently used first (read-only: do not change them)."""
+        return sorted(self._children.values(), key=lambda c: -c.use_seq)
+
+    def profile_state(self, name: str) -> State:
+        """One profile's state: its child's, else FAILED or IDLE."""
+        child = self._children.get(name)
+        if child is not None:
+            return child.state
+        return State.FAILED if name in self._failed else State.IDLE
+
     # ------------------------------------------------------------------ public API
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until ``shutdown()``; the child is stopped before this returns."""
-        self._idle_since = trio.current_time()
+        """Run until ``shutdown()``; the children are stopped before this returns."""
         # Under open_server's lock on state_dir: what an earlier swapd left there is stale.
         await process.reap_leftovers(self.config.state_dir, self.config.timeouts.stop)
-        if self.config.memory.guard and self.config.memory.gpu is None:
+        budget_mode = self.config.residency.mode == "budget" and not self.config.gpus
+        if ((self.config.memory.guard or budget_mode) and self.config.memory.gpu is None):
             self._detected_gpu = await trio.to_thread.run_sync(detect_gpu_memory)
+            if self._detected_gpu is None and budget_mode:
+                raise ConfigError([
+                    "residency.mode is budget but the GPU memory is unknown (no gpus, no "
+                    "memory.gpu, and nvidia-smi did not say): set gpus: [{id: 0, memory: "
+                    "24GiB}] or memory.gpu @ residency.mode"])
             if self._detected_gpu is None:
                 log.warning("memory.guard is on but the GPU memory is unknown (no nvidia-smi);"
                             " set memory.gpu")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._want_resident()
             task_status.started()
             try:
                 await self._loop()
@@ -306,6 +500,25 @@ class Supervisor:
                     await self._stop_now()
                 nursery.cancel_scope.cancel()
                 self._publish("shutdown")  # the last event: followers can stop here
+
+    def _want_resident(self) -> None:
+        """Pinned and preload profiles: load them at start, as if a request waited."""
+        for profile in self.config.profiles.values():
+            if profile.pinned or profile.preload:
+                self._want(profile)
+
+    def _want(self, profile: Profile) -> None:
+        """An internal want: a waiter whose reply nobody reads (the load is the point)."""
+        reply, _ = trio.open_memory_channel[Lease | LeaseError](1)
+        waiter = Waiter(profile.name, trio.current_time(), reply, internal=True)
+        self._waiting.setdefault(profile.name, deque()).append(waiter)
+
+    def _want_again(self, profile: Profile) -> None:
+        """A pinned model that crashed or hung comes back (after its backoff; an open
+        circuit answers the want and ends the retries)."""
+        if (profile.pinned and not self._shutting_down
+                and self.config.profiles.get(profile.name) == profile):
+            self._want(profile)
 
     @asynccontextmanager
     async def lease(self, name: str | None, *,
@@ -317,7 +530,24 @@ class Supervisor:
         finally:
             await self.release(lease)
 
-    async def acquire(self, name: str | None, *, queue_wait: float | None = None) -> Lease:
+    @asynccontextmanager
+    async def try_lease(self, name: str | None) -> AsyncIterator[Lease | None]:
+        """A lease on ``name`` only if its child is ready now: never queues or loads.
+
+        For readers that may talk to a child only if it runs anyway (``/props``).
+        """
+        try:
+            lease = await self.acquire(name, ready_only=True)
+        except LeaseError:
+            yield None
+            return
+        try:
+            yield lease
+        finally:
+            await self.release(lease)
+
+    async def acquire(self, name: str | None, *, queue_wait: float | None = None,
+                      ready_only: bool = False) -> Lease:
         """Wait for a lease on ``name`` (a profile name or alias; None = the active one).
 
         Raises a ``LeaseError``: ``QueueFull``, ``QueueTimeout`` after ``queue_wait``
@@ -326,7 +556,7 @@ class Supervisor:
         """
         wait = self.config.timeouts.queue_wait if queue_wait is None else queue_wait
         reply_send, reply_receive = trio.open_memory_channel[Lease | LeaseError](1)
-        waiter = Waiter(name or "", trio.current_time(), reply_send)
+        waiter = Waiter(name or "", trio.current_time(), reply_send, ready_only=ready_only)
         try:
             await self._send.send(Acquire(name, waiter))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -347,19 +577,37 @@ class Supervisor:
     async def release(self, lease: Lease) -> None:
         await self._post_shielded(Release(lease))
 
-    async def unload(self) -> bool:
-        """Stop the running model once its in-flight requests are done.
+    async def unload(self, name: str | None = None) -> bool:
+        """Stop a model (``name``) or every resident one but the pinned (None) once
+        their in-flight requests are done.
 
         Bounded by the drain, the stop grace and a cache save; False if that passed.
+        Raises ``UnknownModel`` for a name no profile has.
         """
+        if name is not None:
+            resolved = self.config.resolve(name)
+            if not isinstance(resolved, Profile):
+                raise UnknownModel(name, self.config.model_names())
+            name = resolved.name
         done = trio.Event()
         try:
-            await self._send.send(Unload(done))
+            await self._send.send(Unload(done, name))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
         with trio.move_on_after(self.unload_timeout):
             await done.wait()
         return done.is_set()
+
+    def kill_now(self) -> None:
+        """Kill every child at once (a second SIGTERM); never counted as a crash.
+
+        A command on the channel; should ``run`` end before the loop reads it, its last
+        cleanup kills instead of stopping gracefully.
+        """
+        self._kill_requested = True
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                 trio.ClosedResourceError):
+            self._send.send_nowait(Kill())
 
     @property
     def unload_timeout(self) -> float:
@@ -370,8 +618,8 @@ class Supervisor:
     async def reload(self, config: Config) -> dict[str, Any]:
         """Adopt a new, already validated config; returns what changed.
 
-        The running model keeps serving if its profile and the llama_server settings
-        are unchanged. A changed one keeps serving until the next swap; a removed one is
+        A resident model keeps serving if its profile and the llama_server settings
+        are unchanged. A changed one keeps serving until it is evicted; a removed one is
         unloaded once idle. Requests waiting for a removed profile get 404.
         """
         reply_send, reply_receive = trio.open_memory_channel[dict[str, Any] | LeaseError](1)
@@ -385,7 +633,7 @@ class Supervisor:
         return result
 
     async def shutdown(self) -> None:
-        """Ask ``run`` to drain, stop the child and return."""
+        """Ask ``run`` to drain, stop the children and return."""
         await self._post_shielded(Shutdown())
 
     async def wait_changed(self) -> None:
@@ -399,35 +647,103 @@ class Supervisor:
 
     @property
     def n_waiting(self) -> int:
-        return sum(len(queue) for queue in self._waiting.values())
+        return sum(1 for queue in self._waiting.values() for w in queue if not w.internal)
 
     @property
     def n_inflight(self) -> int:
-        return len(self._leases)
+        return sum(len(child.leases) for child in self._children.values())
+
+    @property
+    def _leases(self) -> set[Lease]:
+        """Every lease out, across children."""
+        return {lease for child in self._children.values() for lease in child.leases}
 
     def waiting_by_profile(self) -> dict[str, int]:
-        return {name: len(q) for name, q in self._waiting.items() if q}
+        counts = {name: sum(1 for w in q if not w.internal) for name, q in self._waiting.items()}
+        return {name: n for name, n in counts.items() if n}
 
-    def load_progress(self) -> tuple[float, float | None]:
-        """Seconds since the current start began, and the expected total if known."""
-        if self.state is not State.STARTING or self._start_began is None or self.active is None:
+    def load_progress(self, name: str | None = None) -> tuple[float, float | None]:
+        """Seconds since the start of ``name`` (default: the current child) began, and the
+        expected total if known."""
+        child = self._children.get(name) if name is not None else self._current()
+        if child is None or child.state is not State.STARTING or child.start_began is None:
             return 0.0, None
-        return trio.current_time() - self._start_began, self.load_seconds.get(self.active.name)
+        return (trio.current_time() - child.start_began,
+                self.load_seconds.get(child.name))
+
+    def budgets(self) -> dict[int, int]:
+        """Bytes plans may fill on each GPU (``planner.UNLIMITED`` in count mode)."""
+        residency = self.config.residency
+        ids = [gpu.id for gpu in self.config.gpus] or [0]
+        if residency.mode != "budget":
+            ids += [g for p in self.config.profiles.values() for g in p.gpu]
+            return dict.fromkeys(sorted(set(ids)), planner.UNLIMITED)
+        if self.config.gpus:
+            return {gpu.id: max(0, gpu.memory - residency.reserve) for gpu in self.config.gpus}
+        memory = self.config.memory.gpu or self._detected_gpu or 0
+        return {0: max(0, memory - residency.reserve)}
+
+    def resident(self) -> list[dict[str, Any]]:
+        """Each child, for ``/swapd/status``: most recently used first."""
+        now = trio.current_time()
+        rows = []
+        for child in self.children():
+            proc = child.proc
+            size = self.sizes.get(child.name)
+            elapsed, expected = self.load_progress(child.name)
+            rows.append({
+                "name": child.name, "state": child.state.value,
+                "draining": child.draining_since is not None,
+                "pid": proc.pid if proc else None, "port": proc.port if proc else None,
+                "gpus": list(child.gpus), "planned": sum(child.usage.values()),
+                "footprint": {"estimate": size.estimate if size else None,
+                              "measured": child.measured.gpu_total if child.measured
+                              else (size.measured if size else None)},
+                "inflight": len(child.leases),
+                "idle_seconds": None if child.leases else round(now - child.idle_since, 3),
+                "last_used": child.last_used, "pinned": child.profile.pinned,
+                "load_elapsed": elapsed, "load_expected": expected})
+        return rows
+
+    def footprint_of(self, name: str) -> dict[str, Any] | None:
+        """What the planner counts for a profile, and why (budget mode, once sized)."""
+        sized = self.sizes.get(name)
+        if sized is None:
+            return None
+        return {"planned": sized.footprint, "source": sized.source,
+                "estimate": sized.estimate, "measured": sized.measured}
+
+    def gpu_status(self) -> list[dict[str, Any]]:
+        """Per GPU: its budget, the bytes planned for resident models, and measured."""
+        rows = []
+        for gpu, budget in sorted(self.budgets().items()):
+            planned = sum(c.usage.get(gpu, 0) for c in self._children.values())
+            measured = 0
+            for child in self._children.values():
+                if child.measured is None:
+                    continue
+                for index, used in enumerate(sorted(child.usage)):
+                    if used == gpu:
+                        measured += child.measured.on_gpus().get(f"CUDA{index}", 0)
+            rows.append({"id": gpu, "budget": None if budget == planner.UNLIMITED else budget,
+                         "planned": planned, "measured": measured})
+        return rows
 
     def status(self) -> dict[str, Any]:
         """What ``/swapd/status`` shows: a read-only view computed on demand."""
-        proc = self.proc
+        child = self._current()
+        proc = child.proc if child is not None else None
         error = self.last_error
         elapsed, expected = self.load_progress()
         return {
             "state": self.state.value,
-            "active": self.active.name if self.active else None,
+            "active": child.name if child is not None else None,
             "pid": proc.pid if proc else None,
             "port": proc.port if proc else None,
             "uptime": (trio.current_time() - proc.ready_at) if proc and proc.ready_at else None,
-            "inflight": len(self._leases),
+            "inflight": self.n_inflight,
             "waiting": self.waiting_by_profile(),
-            "draining": self._draining_since is not None,
+            "draining": child is not None and child.draining_since is not None,
             "load_elapsed": elapsed,
             "load_expected": expected,
             "last_error": None if error is None else {
@@ -445,6 +761,11 @@ class Supervisor:
             "phase": self.phase,
             "cache": self.slots.status(),
             "state_write_errors": dict(self.state_writes.counts),
+            "resident": self.resident(),
+            "gpus": self.gpu_status(),
+            "residency": {"mode": self.config.residency.mode,
+                          "max_models": self.config.residency.cap},
+            "evictions": dict(self.evictions),
             **self.stats,
         }
 
@@ -452,6 +773,7 @@ class Supervisor:
 
     async def _loop(self) -> None:
         async with self._receive:
+            self._schedule()  # pinned and preload models: wanted from the start
             while not (self._shutting_down and self._ready_to_exit()):
                 with trio.move_on_at(self._next_deadline()):
                     self._handle(await self._receive.receive())
@@ -482,9 +804,10 @@ class Supervisor:
                 self._return_lease(lease)
             case Withdraw(waiter):
                 self._on_withdraw(waiter)
-            case Unload(done):
-                self._unloads.append(done)
-                self._unload_requested = True
+            case Unload(done, name):
+                self._on_unload(done, name)
+            case Kill():
+                self._on_kill()
             case Shutdown():
                 self._shutting_down = True
                 self._fail_all_waiters(ShuttingDown())
@@ -492,24 +815,32 @@ class Supervisor:
                 reply.send_nowait(self._on_reload(config))
             case Checked(profile, problem):
                 self._on_checked(profile, problem)
+            case Sized(profile):
+                self._sizing.discard(profile.name)
+                if self.config.profiles.get(profile.name) == profile:
+                    self.sizes[profile.name] = message
             case StartDone(profile, proc, error):
                 self.phase = None
-                self._on_start_done(profile, proc, error)
-                if proc is not None and proc is self.proc and self.state is State.READY:
+                child = self._children.get(profile.name)
+                if child is None or child.state not in (State.STARTING, State.STOPPING):
+                    return  # not possible: a child leaves STARTING only through here
+                self._on_start_done(child, proc, error)
+                if proc is not None and child.proc is proc and _ready(child):
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._probe_health, proc)
+                    self._nursery.start_soon(self._probe_health, child, proc)
+                    self._nursery.start_soon(self._run_measure, child.profile, proc)
+            case Measured(proc, footprint):
+                child = self._children.get(proc.name)
+                if child is not None and child.proc is proc and child.state is State.READY:
+                    self._on_measured(child, footprint)
             case Phase(text):
                 self.phase = text
-                self._publish("phase", text=text)
+                self._publish("phase", text=text, profile=message.profile)
             case Stopped(proc):
                 self.phase = None
-                if proc is self.proc:
-                    if self._swap:  # a swap: the next load's record starts here
-                        self._swap["stopped"] = trio.current_time()
-                    self.proc = None
-                    self.active = None
-                    self._transition(State.IDLE)
-                    self._publish("stopped", profile=proc.name, exit_code=proc.exit_code)
+                child = self._children.get(proc.name)
+                if child is not None and child.proc is proc:
+                    self._on_stopped(child)
             case Exited(proc):
                 self._on_exited(proc)
             case Hung(proc, why):
@@ -520,14 +851,14 @@ class Supervisor:
             self._answer(waiter, ShuttingDown())
             return
         if name is None:
-            if self.active is None:
+            active = self.active
+            if active is None:
                 self._answer(waiter, NoModelLoaded(list(self.config.profiles)))
                 return
-            if self.active.name not in self.config.profiles:  # removed, going away
-                self._answer(waiter, UnknownModel(self.active.name,
-                                                  self.config.model_names()))
+            if active.name not in self.config.profiles:  # removed, going away
+                self._answer(waiter, UnknownModel(active.name, self.config.model_names()))
                 return
-            profile = self.active
+            profile = active
         else:
             resolved = self.config.resolve(name)
             if not isinstance(resolved, Profile):
@@ -535,8 +866,12 @@ class Supervisor:
                 return
             profile = resolved
         waiter.profile = profile.name
-        if self._can_grant(profile):
-            self._grant(waiter)
+        child = self._children.get(profile.name)
+        if child is not None and self._can_grant(child):
+            self._grant(child, waiter)
+            return
+        if waiter.ready_only:
+            self._answer(waiter, NotReadyNow(f"model {profile.name!r} is not ready now"))
             return
         refusal = self._circuit_refusal(profile.name)
         if refusal is not None:
@@ -560,24 +895,53 @@ class Supervisor:
             self._return_lease(waiter.lease)
 
     def _return_lease(self, lease: Lease) -> None:
-        """A lease came back; the last one out starts the idle clock (TTL)."""
-        if lease in self._leases:
-            self._leases.discard(lease)
-            if not self._leases:
-                self._idle_since = trio.current_time()
+        """A lease came back; the last one out starts the child's idle clock (TTL)."""
+        child = self._children.get(lease.profile.name)
+        if child is not None and lease in child.leases:
+            child.leases.discard(lease)
+            self._touch(child)
+            if not child.leases:
+                child.idle_since = child.last_used
 
-    def _on_start_done(self, profile: Profile, proc: process.LlamaProcess | None,
+    def _on_unload(self, done: trio.Event, name: str | None) -> None:
+        """Unload one profile (by name: pinned too) or every model but the pinned."""
+        if name is None:
+            names = {n for n, c in self._children.items() if not c.profile.pinned}
+            failed = list(self._failed)
+        else:
+            names = {name} if name in self._children else set()
+            failed = [name] if name in self._failed else []
+        for profile in failed:
+            # Unload is about the process: none runs, so the state is IDLE. The
+            # profile's failure record (backoff, circuit) and last_error stay: they are
+            # facts about the profile, which unload does not fix.
+            self._transition(State.IDLE, profile=profile)
+        self._unloading |= names
+        self._unloads.append((frozenset(names), done))
+
+    def _on_kill(self) -> None:
+        """A second SIGTERM: every child is killed now. Its exit is a stop, not a crash."""
+        for child in list(self._children.values()):
+            self._revoke(child, "swapd stopped at once, without waiting for requests")
+            if child.state is State.STARTING:
+                self._cancel_start(child, "shutdown")
+            elif child.state is State.READY:
+                self._begin_stop(child, "shutdown")
+            if child.proc is not None:
+                child.proc.kill_now()
+
+    def _on_start_done(self, child: Child, proc: process.LlamaProcess | None,
                        error: StartError | None) -> None:
-        self._start_scope = None
-        if self.state is State.STOPPING:  # a cancelled start
+        profile = child.profile
+        child.start_scope = None
+        if child.state is State.STOPPING:  # a cancelled start
             if proc is not None and proc.alive:  # it won the race: stop it like any other
                 assert self._nursery is not None
-                self.proc = proc
+                child.proc = proc
                 self._nursery.start_soon(self._run_stop, proc, None)
                 return
-            self.proc = None
-            self.active = None
-            self._transition(State.IDLE)
+            self._transition(State.IDLE, child)
+            self._forget(child)
             self._publish("stopped", profile=profile.name, exit_code=None)
             return
         if error is None and proc is not None and not proc.alive:
@@ -589,34 +953,88 @@ class Supervisor:
             proc.kill_now()  # whatever it left behind in its group
         if error is not None or proc is None:
             assert error is not None
-            self.proc = None
-            self._transition(State.FAILED)
-            self._start_failed(profile, error)
-            self._record_load(profile.name, "failed")
-            self.active = None
+            if self._retry_after_oom(child, error):
+                return
+            self._transition(State.FAILED, child)
+            self._forget(child, failed=True)
+            self._start_failed(profile, error, child)
+            self._record_load(child, "failed")
             return
         assert proc.ready_at is not None
         seconds = proc.ready_at - proc.started_at
         self.load_seconds[profile.name] = seconds
         _write_load_times(self.config, self.load_seconds, self.state_writes)
-        self.proc = proc
-        self._transition(State.READY)
-        self._idle_since = trio.current_time()
-        self._record_load(profile.name, "ok")
+        child.proc = proc
+        self._transition(State.READY, child)
+        self._touch(child)
+        child.idle_since = child.last_used
+        self._recent = profile.name
+        self._record_load(child, "ok")
         health = self.health.get(profile.name)
         if health is not None and health.opened_at is not None:
             health.opened_at = None  # the trial worked; its failures stay until stable
             self._publish("circuit_closed", profile=profile.name)
         self._publish("ready", profile=profile.name, pid=proc.pid, load_seconds=seconds)
 
-    def _start_failed(self, profile: Profile, error: StartError) -> None:
+    def _on_measured(self, child: Child, measured: Footprint) -> None:
+        """What a ready child really allocated: shown, and planned with in budget mode."""
+        child.measured = measured
+        if measured.gpu_total and self.config.residency.mode == "budget":
+            # From now on the planner counts what llama-server really allocated, for
+            # this child and for the next loads of the profile.
+            child.usage = _spread(measured, child.gpus) or child.usage
+            old = self.sizes.get(child.name)
+            self.sizes[child.name] = Sized(child.profile, measured.gpu_total, "measured",
+                                           old.estimate if old else None, measured.gpu_total)
+        self._publish("measured", profile=child.name, gpu_bytes=measured.gpu_total)
+
+    def _retry_after_oom(self, child: Child, error: StartError) -> bool:
+        """An out-of-memory start while idle models are resident: evict them, retry once.
+
+        Estimates can be wrong (another program took memory, a build allocates more): the
+        planner thought it fit. Returns True when a retry was arranged (no failure counted).
+        """
+        name = child.name
+        if name in self._oom_retry:
+            self._oom_retry.discard(name)  # this was the retry: count the failure
+            return False
+        if not process.is_oom(error.stderr_tail or []):
+            return False
+        victims = sorted((c for c in self._children.values()
+                          if c is not child and c.state is State.READY and not c.leases
+                          and c.draining_since is None and not c.profile.pinned
+                          and not self._waiting.get(c.name)),
+                         key=lambda c: c.use_seq)
+        if not victims:
+            return False
+        self._oom_retry.add(name)
+        self._transition(State.STOPPING, child)  # the failed start, retried below
+        self._transition(State.IDLE, child)
+        self._forget(child)
+        names = [v.name for v in victims]
+        log.warning("%s ran out of memory while loading; evicting %s and retrying once",
+                    name, ", ".join(names))
+        self._publish("oom_retry", profile=name, evicted=names,
+                      message=str(error).splitlines()[0])
+        self._room.setdefault(name, {"from": []})
+        for victim in victims:
+            self._room[name]["from"].append(victim.name)
+            victim.room_for = name
+            self._begin_stop(victim, "oom")
+        return True
+
+    def _start_failed(self, profile: Profile, error: StartError,
+                      child: Child | None = None) -> None:
         """A start failed, or its preflight refused it: count it, tell its waiters."""
         self.last_error, self.last_error_at = error, self._wall()
         self.stats["starts_failed"] += 1
         log.error("%s", error)
-        self._publish("start_failed", profile=profile.name, exit_code=error.exit_code,
-                      message=str(error).splitlines()[0])
-        self._record_failure(profile.name, str(error).splitlines()[0])
+        message = str(error).splitlines()[0]
+        swap = bool(child is not None and child.swap.get("from"))
+        self._publish("start_failed", fact=LoadFailed(profile.name, message, error.exit_code,
+                                                      swap),
+                      profile=profile.name, exit_code=error.exit_code, message=message)
+        self._record_failure(profile.name, message)
         # Everyone waiting for this profile hears why; others keep waiting.
         failure = LocalFailed(error)
         for waiter in self._waiting.pop(profile.name, deque()):
@@ -629,22 +1047,22 @@ class Supervisor:
         if problem is None:
             self._cleared[profile.name] = profile
             return
-        # Refused before anything was drained or stopped for it: the running model
-        # never noticed; the state machine has nothing to do.
+        # Refused before anything was drained or stopped for it: the resident models
+        # never noticed; no state machine has anything to do.
         self._start_failed(profile, StartFailed(profile.name, problem))
 
     def _launch_checks(self) -> None:
-        """While a model is ready, check each other profile with waiters before it may
-        be drained for them (with nothing running, the start itself checks first)."""
+        """While a model is ready, check each other profile with waiters before anything
+        may be drained or stopped for it (with nothing to stop, the start checks first)."""
         assert self._nursery is not None
         for name in [n for n in self._cleared if not self._waiting.get(n)]:
             del self._cleared[name]  # nobody waits: by the next request it may be stale
-        if self.state is not State.READY or self.active is None:
+        if not any(c.state is State.READY for c in self._children.values()):
             return
         for name, queue in self._waiting.items():
             profile = self.config.profiles.get(name)
             if (not queue or profile is None or name in self._checking
-                    or name == self.active.name or self._cleared.get(name) == profile):
+                    or name in self._children or self._cleared.get(name) == profile):
                 continue
             self._checking.add(name)
             self._nursery.start_soon(self._run_check, profile)
@@ -665,62 +1083,77 @@ class Supervisor:
         for name in removed + changed:
             self.health.pop(name, None)  # a fixed profile deserves a fresh start
             self.load_seconds.pop(name, None)
+            self.sizes.pop(name, None)
         for name in removed:
             for waiter in self._waiting.pop(name, deque()):
                 self._answer(waiter, UnknownModel(name, new.model_names()))
         active = self.active.name if self.active else None
-        if active is not None and active not in changed and active not in removed:
-            self.active = new.profiles[active]  # same definition: keeps serving as is
-        elif active in removed and self.state is State.READY:
-            self._unload_requested = True  # unloaded once its requests are done
-        elif active is not None and self.state is State.STARTING:
-            # Removed or changed while it loads: nobody may use what it would become.
-            # Stop it (once ready, if it wins the race); waiters of a changed profile
-            # stay queued and get a start of its new definition.
-            log.info("stopping the start of %s: the reload %s it", active,
-                     "removed" if active in removed else "changed")
-            self._cancel_start()
-        summary = {"added": added, "removed": removed, "changed": changed,
-                   "active": active, "active_kept": active is not None
-                   and active not in changed and active not in removed}
+        kept = []
+        for child in list(self._children.values()):
+            name = child.name
+            if name not in changed and name not in removed:
+                child.profile = new.profiles[name]  # same definition: keeps serving as is
+                kept.append(name)
+            elif child.state is State.STARTING:
+                # Removed or changed while it loads: nobody may use what it would become.
+                # Stop it (once ready, if it wins the race); waiters of a changed profile
+                # stay queued and get a start of its new definition.
+                log.info("stopping the start of %s: the reload %s it", name,
+                         "removed" if name in removed else "changed")
+                self._cancel_start(child, "reload")
+            # A removed ready child is unloaded once its requests are done (_stop_reason);
+            # a changed one keeps serving until it is evicted.
+        summary: dict[str, Any] = {"added": added, "removed": removed, "changed": changed,
+                   "active": active, "active_kept": active is not None and active in kept}
         log.info("config reloaded: %s", summary)
         self._publish("reloaded", **summary)
         return summary
 
-    def _record_load(self, profile: str, result: str) -> None:
+    def _record_load(self, child: Child, result: str) -> None:
         now = trio.current_time()
-        began = self._swap.get("began", now)
-        stopped = self._swap.get("stopped", began)
+        swap = child.swap
+        began = swap.get("began", now)
+        stopped = swap.get("stopped", began)
+        from_ = list(swap.get("from") or [])
         self.history.append({
-            "at": self._wall(), "from": self._swap.get("from"), "to": profile,
+            "at": self._wall(), "from": ", ".join(from_) or None, "to": child.name,
             "result": result, "stop_seconds": round(stopped - began, 4),
             "load_seconds": round(now - stopped, 4), "total_seconds": round(now - began, 4)})
-        self._swap = {}
+        if result == "ok":
+            load_s = self.load_seconds.get(child.name, now - stopped)  # spawn to healthy
+            self._publish("loaded", fact=Loaded(child.name, child.gpus, load_s),
+                          profile=child.name, gpus=list(child.gpus))
+            if from_:
+                self._publish("swapped", fact=Swapped(tuple(from_), child.name,
+                                                       round(stopped - began, 4),
+                                                       round(now - stopped, 4)),
+                              profile=child.name, **{"from": from_},
+                              stop_s=round(stopped - began, 4), load_s=round(now - stopped, 4))
+        child.swap = {}
 
     def _on_exited(self, proc: process.LlamaProcess) -> None:
-        if proc is not self.proc or self.state is not State.READY:
+        child = self._children.get(proc.name)
+        if child is None or proc is not child.proc or child.state is not State.READY:
             return  # a stop or a failed start we already account for
-        self._forget_if_stable()  # a crash after a long run starts a new count
+        self._forget_if_stable(child)  # a crash after a long run starts a new count
         error = ModelCrashed(proc.name, proc.exit_code, list(proc.tail)[-15:],
                              process.describe_exit(proc.exit_code))
         log.error("%s; last output:\n%s", error, "\n".join(error.stderr_tail))
         self.last_error, self.last_error_at = error, self._wall()
         self.stats["crashes"] += 1
         proc.kill_now()  # whatever it left behind in its group
-        for lease in self._leases:
-            lease.revoked_because = str(error)
-            lease.scope.cancel()
-        self._leases.clear()
-        self.proc = None
-        self.active = None
-        self._draining_since = None
-        self._transition(State.FAILED)
-        self._publish("crashed", profile=proc.name, exit_code=proc.exit_code)
+        self._revoke(child, str(error))
+        self._transition(State.FAILED, child)
+        self._forget(child, failed=True)
+        self._publish("crashed", fact=Crashed(proc.name, proc.exit_code, False),
+                      profile=proc.name, exit_code=proc.exit_code)
         self._record_failure(proc.name, str(error))
+        self._want_again(child.profile)
 
     def _on_hung(self, proc: process.LlamaProcess, why: str) -> None:
         """A ready child stopped answering: kill it and treat it like a crash."""
-        if proc is not self.proc or self.state is not State.READY:
+        child = self._children.get(proc.name)
+        if child is None or proc is not child.proc or child.state is not State.READY:
             return  # it already exited or is being stopped
         error = ModelHung(proc.name, why, list(proc.tail)[-15:])
         log.error("%s", error)
@@ -729,85 +1162,224 @@ class Supervisor:
         # SIGKILL, not SIGTERM: a stopped process would not act on SIGTERM until
         # continued, a deadlocked one maybe never. _watch reaps it.
         proc.kill_now()
-        for lease in self._leases:
-            lease.revoked_because = str(error)
-            lease.scope.cancel()
-        self._leases.clear()
-        self.proc = None
-        self.active = None
-        self._draining_since = None
-        self._transition(State.FAILED)
-        self._publish("hung", profile=proc.name, pid=proc.pid, message=str(error))
+        self._revoke(child, str(error))
+        self._transition(State.FAILED, child)
+        self._forget(child, failed=True)
+        self._publish("hung", fact=Crashed(proc.name, proc.exit_code, True),
+                      profile=proc.name, pid=proc.pid, message=str(error))
         self._record_failure(proc.name, str(error))
+        self._want_again(child.profile)
+
+    def _on_stopped(self, child: Child) -> None:
+        """A child's process is gone after a stop: forget it; a load it made room for
+        may start now (the next ``_schedule`` plans again)."""
+        if child.room_for is not None and child.room_for in self._room:
+            self._room[child.room_for]["stopped"] = trio.current_time()
+        proc = child.proc
+        self._transition(State.IDLE, child)
+        self._forget(child)
+        self._publish("stopped", profile=child.name,
+                      exit_code=proc.exit_code if proc is not None else None)
+
+    def _revoke(self, child: Child, why: str) -> None:
+        for lease in child.leases:
+            lease.revoked_because = why
+            lease.scope.cancel()
+        child.leases.clear()
+
+    def _forget(self, child: Child, *, failed: bool = False) -> None:
+        """The child is gone (its machine reached IDLE or FAILED)."""
+        if self._children.get(child.name) is child:
+            del self._children[child.name]
+        self._unloading.discard(child.name)
+        if failed:
+            self._failed[child.name] = trio.current_time()
+            self._recent = child.name
+            if child.name not in self.config.profiles:
+                # A reload removed it and asked for its unload: that is done now.
+                self._transition(State.IDLE, profile=child.name)
+        elif self._recent == child.name:
+            self._recent = None
 
     # ------------------------------------------------------------- scheduling
 
     def serving(self, name: str | None) -> bool:
         """Would a request for ``name`` be granted without waiting? A read-only peek."""
-        if self.active is None:
-            return False
-        profile = self.active if name is None else self.config.resolve(name)
-        return isinstance(profile, Profile) and self._can_grant(profile)
+        if name is None:
+            child = self._current()
+        else:
+            profile = self.config.resolve(name)
+            child = self._children.get(profile.name) if isinstance(profile, Profile) else None
+        return child is not None and self._can_grant(child)
 
-    def _can_grant(self, profile: Profile) -> bool:
-        return (self.state is State.READY and self.active is not None
-                and profile.name == self.active.name and self._draining_since is None
-                and not self._unload_requested)
+    def _can_grant(self, child: Child) -> bool:
+        return (child.state is State.READY and child.draining_since is None
+                and self._stop_reason(child) is None)
+
+    def _stop_reason(self, child: Child) -> str | None:
+        """Why this child must go as soon as its requests are done, if it must."""
+        if self._shutting_down:
+            return "shutdown"
+        if child.name in self._unloading:
+            return "unload"
+        if child.name not in self.config.profiles:
+            return "reload"  # removed by a reload
+        return None
 
     def _schedule(self) -> None:
-        """Decide the next step from the current state; called after every message."""
-        if self.state is State.READY:
-            assert self.active is not None
-            if self._draining_since is None:
-                for waiter in self._waiting.pop(self.active.name, deque()):
-                    self._grant(waiter)
-                if self._unload_requested or self._shutting_down or self._others_starved():
-                    self._draining_since = trio.current_time()
-                    self._publish("draining", profile=self.active.name,
-                                  inflight=len(self._leases))
-            wants_other = self._unload_requested or self._shutting_down or any(
-                q for name, q in self._waiting.items()
-                if name != self.active.name and self._cleared_for_start(name))
-            if self._draining_since is not None and not wants_other:
-                # Whoever it drained for is gone (timed out, left, removed): serve on
-                # rather than cut its in-flight requests at the deadline for nobody.
-                self._draining_since = None
-                self._publish("drain_cancelled", profile=self.active.name)
-                for waiter in self._waiting.pop(self.active.name, deque()):
-                    self._grant(waiter)
-            if self._draining_since is not None and not self._leases:
-                self._begin_stop()
-            elif wants_other and not self._leases and self._draining_since is None:
-                self._draining_since = trio.current_time()
-                self._begin_stop()
-        elif self.state in (State.IDLE, State.FAILED):
-            if self._unload_requested:
-                if self.state is State.FAILED:
-                    # Unload is about the process: none runs, so the state is IDLE.
-                    # The profile's failure record (backoff, circuit) and last_error
-                    # stay: they are facts about the profile, which unload does not fix.
-                    self._transition(State.IDLE)
-                self._finish_unloads()
-            if self._shutting_down:
-                return
-            for name in [n for n, q in self._waiting.items() if q]:
-                refusal = self._circuit_refusal(name)
-                if refusal is not None:  # opened while they waited
-                    for waiter in self._waiting.pop(name):
-                        self._answer(waiter, refusal)
-            oldest = self._oldest_waiter()
-            if oldest is not None and trio.current_time() >= self._retry_at(oldest.profile):
-                self._begin_start(self.config.profiles[oldest.profile])
-        elif self.state is State.STARTING and (self._shutting_down or self._unload_requested):
-            self._cancel_start()
+        """Decide the next steps from the current state; called after every message."""
+        for child in list(self._children.values()):
+            self._step(child)
+        self._finish_unloads()
+        if self._shutting_down:
+            return
+        now = trio.current_time()
+        for name in [n for n, q in self._waiting.items() if q]:
+            refusal = self._circuit_refusal(name)
+            if refusal is not None:  # opened while they waited
+                for waiter in self._waiting.pop(name):
+                    self._answer(waiter, refusal)
+        for name in [n for n in self._room if not self._waiting.get(n)
+                     and n not in self._children]:
+            del self._room[name]  # whoever it made room for is gone: no swap to record
+        heads = sorted(((q[0], n) for n, q in self._waiting.items()
+                        if q and n not in self._children), key=lambda h: h[0].enqueued)
+        for head, name in heads:
+            profile = self.config.profiles.get(name)
+            if profile is None or now < self._retry_at(name):
+                continue
+            if any(c.room_for == name for c in self._children.values()):
+                continue  # room is being made for it: plan again once those are gone
+            footprint = self._footprint(profile)
+            if footprint is None:
+                continue  # being sized off-loop: a Sized message wakes us
+            target = planner.Target(name, footprint, profile.gpu)
+            decision = planner.plan(target, self._residents(), self.budgets(),
+                                    max_models=self.config.residency.cap)
+            match decision:
+                case planner.Load(usage, ()):
+                    self._begin_start(profile, dict(usage))
+                case planner.Load(_, evict) if self._cleared_for_start(name):
+                    self._make_room(name, [self._children[v] for v in evict])
+                case planner.Wait(blocking) if (self._cleared_for_start(name)
+                                                and now - head.enqueued
+                                                >= self.config.queue.starvation_bound):
+                    self._drain_for(target, blocking)
+                case planner.Never(reason):
+                    log.warning("%s cannot be loaded: %s", name, reason)
+                    error = WontFit(name, reason)
+                    for waiter in self._waiting.pop(name, deque()):
+                        self._answer(waiter, error)
+                    self._publish("wont_fit", profile=name, message=reason)
+
+    def _step(self, child: Child) -> None:
+        """One child's next step: grant its waiters, drain, stop, or cancel its start."""
+        reason = self._stop_reason(child)
+        if child.state is State.STARTING:
+            if reason is not None:
+                self._cancel_start(child, reason)
+            return
+        if child.state is not State.READY:
+            return
+        if reason is not None and (child.draining_since is None
+                                   or child.drain_reason == "room"):
+            self._drain(child, reason)
+        if child.draining_since is None:
+            self._grant_waiters(child)
+        elif child.drain_reason == "room" and not self._room_wanted(child):
+            # Whoever it drained for is gone (timed out, left, removed, loaded elsewhere):
+            # serve on rather than cut its in-flight requests at the deadline for nobody.
+            child.draining_since = child.drain_reason = None
+            child.room_for = None
+            self._publish("drain_cancelled", profile=child.name)
+            self._grant_waiters(child)
+        if child.draining_since is not None and not child.leases:
+            self._begin_stop(child, child.drain_reason or "room")
+
+    def _grant_waiters(self, child: Child) -> None:
+        for waiter in self._waiting.pop(child.name, deque()):
+            self._grant(child, waiter)
+
+    def _room_wanted(self, child: Child) -> bool:
+        """Does the load this child drains for still wait (cleared, not started)?"""
+        target = child.room_for
+        return (target is not None and target not in self._children
+                and bool(self._waiting.get(target)) and self._cleared_for_start(target))
+
+    def _drain(self, child: Child, reason: str, room_for: str | None = None) -> None:
+        """Mark a ready child draining: no new grants; stopped once its leases are back."""
+        if child.draining_since is None:
+            child.draining_since = trio.current_time()
+            self._publish("draining", profile=child.name, inflight=len(child.leases))
+        child.drain_reason = reason
+        child.room_for = room_for
+
+    def _make_room(self, target: str, victims: Sequence[Child]) -> None:
+        """Stop these idle models so that ``target`` fits (the planner chose them)."""
+        record = self._room.setdefault(target, {"from": []})
+        for victim in victims:
+            record["from"].append(victim.name)
+            if victim.leases:
+                self._drain(victim, "room", room_for=target)
+            else:  # idle: stopped at once
+                victim.drain_reason, victim.room_for = "room", target
+                self._begin_stop(victim, "room")
+
+    def _drain_for(self, target: planner.Target, blocking: Sequence[str]) -> None:
+        """Past the starvation bound: drain the fewest busy models that make room."""
+        residents = self._residents()
+        drainable = {n for n in blocking if n in self._children
+                     and self._children[n].state is State.READY
+                     and self._children[n].draining_since is None
+                     and not self._children[n].profile.pinned}
+        if not drainable:
+            return
+        as_idle = [attrs.evolve(r, inflight=0, waiting=0) if r.name in drainable else r
+                   for r in residents]
+        decision = planner.plan(target, as_idle, self.budgets(),
+                                max_models=self.config.residency.cap)
+        if isinstance(decision, planner.Load) and decision.evict:
+            self._make_room(target.name, [self._children[v] for v in decision.evict])
+
+    def _residents(self) -> list[planner.Resident]:
+        """The planner's snapshot of every child."""
+        residents = []
+        for child in self._children.values():
+            if child.state is State.STARTING:
+                phase = planner.Phase.STARTING
+            elif child.state is State.READY and child.draining_since is None:
+                phase = planner.Phase.READY
+            else:
+                phase = planner.Phase.STOPPING
+            residents.append(planner.Resident(
+                child.name, dict(child.usage), inflight=len(child.leases),
+                waiting=len(self._waiting.get(child.name, ())), last_used=child.use_seq,
+                pinned=child.profile.pinned, phase=phase))
+        return residents
+
+    def _footprint(self, profile: Profile) -> int | None:
+        """Bytes ``profile`` is planned to take; None while it is sized off-loop."""
+        if self.config.residency.mode != "budget":
+            return 0  # count mode: only the count matters
+        sized = self.sizes.get(profile.name)
+        if sized is not None and sized.profile == profile:
+            return sized.footprint
+        if profile.memory is not None and not self.footprints.has(profile.name):
+            # Nothing measured to prefer: the operator's figure, no I/O needed.
+            self.sizes[profile.name] = Sized(profile, profile.memory, "memory", None, None)
+            return profile.memory
+        if profile.name not in self._sizing:
+            assert self._nursery is not None
+            self._sizing.add(profile.name)
+            self._nursery.start_soon(self._run_size, profile)
+        return None
 
     def _others_starved(self) -> bool:
-        assert self.active is not None
+        """Compatibility: does a cleared waiter of a non-resident model starve?"""
         bound = self.config.queue.starvation_bound
         now = trio.current_time()
-        return any(q and now - q[0].enqueued >= bound
-                   for name, q in self._waiting.items()
-                   if name != self.active.name and self._cleared_for_start(name))
+        return any(q and now - q[0].enqueued >= bound for name, q in self._waiting.items()
+                   if name not in self._children and self._cleared_for_start(name))
 
     def _oldest_waiter(self) -> Waiter | None:
         heads = [q[0] for q in self._waiting.values() if q]
@@ -816,63 +1388,63 @@ class Supervisor:
     def _next_deadline(self) -> float:
         """When the loop must wake without a message: starvation, drain, TTL, backoff,
         and the end of a ready model's probation (``restart.stable_after``)."""
-        deadlines = [self._stable_at()]
-        if self.state in (State.IDLE, State.FAILED):
-            oldest = self._oldest_waiter()
-            if oldest is not None:
-                deadlines.append(self._retry_at(oldest.profile))
-        if self.state is State.READY and self.active is not None:
-            if self._draining_since is None:
-                bound = self.config.queue.starvation_bound
-                deadlines += [q[0].enqueued + bound for name, q in self._waiting.items()
-                              if q and name != self.active.name
-                              and self._cleared_for_start(name)]
-                ttl = self._ttl(self.active)
-                if ttl and not self._leases and not self.n_waiting:
-                    deadlines.append(self._idle_since + ttl)
-            elif self._leases:
-                deadlines.append(self._draining_since + self.config.timeouts.drain)
-        return min(deadlines)
+        deadlines = [math.inf]
+        bound = self.config.queue.starvation_bound
+        for name, queue in self._waiting.items():
+            if queue and name not in self._children:
+                deadlines.append(self._retry_at(name))
+                if self._cleared_for_start(name):
+                    deadlines.append(queue[0].enqueued + bound)
+        for child in self._children.values():
+            if child.state is not State.READY:
+                continue
+            deadlines.append(self._stable_at(child))
+            if child.draining_since is None:
+                ttl = self._ttl(child.profile)
+                if ttl and not child.leases and not self._waiting.get(child.name):
+                    deadlines.append(child.idle_since + ttl)
+            elif child.leases:
+                deadlines.append(child.draining_since + self.config.timeouts.drain)
+        now = trio.current_time()
+        # A deadline already passed was acted on (or cannot be yet): do not spin on it.
+        future = [d for d in deadlines if d > now]
+        return min(future) if future else math.inf
 
     def _on_timers(self) -> None:
         now = trio.current_time()
-        if self.state is not State.READY or self.active is None:
-            return
-        self._forget_if_stable()
-        if self._draining_since is not None:
-            if self._leases and now >= self._draining_since + self.config.timeouts.drain:
-                why = (f"{self._drain_cause()} and the request did not finish within "
-                       f"timeouts.drain ({self.config.timeouts.drain:g}s)")
-                log.warning("cutting %d request(s): %s", len(self._leases), why)
-                for lease in self._leases:
-                    lease.revoked_because = why
-                    lease.scope.cancel()
-                self._leases.clear()
-            return
-        ttl = self._ttl(self.active)
-        if ttl and not self._leases and not self.n_waiting and now >= self._idle_since + ttl:
-            log.info("unloading %s after %gs idle (ttl)", self.active.name, ttl)
-            self._publish("ttl_expired", profile=self.active.name)
-            self._draining_since = now
-            self._begin_stop()
+        for child in list(self._children.values()):
+            if child.state is not State.READY:
+                continue
+            self._forget_if_stable(child)
+            if child.draining_since is not None:
+                drain = self.config.timeouts.drain
+                if child.leases and now >= child.draining_since + drain:
+                    why = (f"{self._drain_cause(child)} and the request did not finish "
+                           f"within timeouts.drain ({drain:g}s)")
+                    log.warning("cutting %d request(s): %s", len(child.leases), why)
+                    self._revoke(child, why)
+                continue
+            ttl = self._ttl(child.profile)
+            if (ttl and not child.profile.pinned and not child.leases
+                    and not self._waiting.get(child.name) and now >= child.idle_since + ttl):
+                log.info("unloading %s after %gs idle (ttl)", child.name, ttl)
+                self._publish("ttl_expired", profile=child.name)
+                self._begin_stop(child, "ttl")
 
-    def _drain_cause(self) -> str:
-        """Why the active model is draining, in the words its cut requests will read.
+    def _drain_cause(self, child: Child) -> str:
+        """Why a child is draining, in the words its cut requests will read.
 
         A TTL unload never cuts anyone: it begins only when no request is in flight.
         """
-        assert self.active is not None
-        name = self.active.name
+        name = child.name
         if self._shutting_down:
             return "swapd is shutting down"
         if name not in self.config.profiles:  # a reload took it out: _on_reload
             return f"model {name!r} was removed from the config by a reload"
-        if self._unload_requested:
+        if name in self._unloading:
             return f"model {name!r} is being unloaded (swapd unload / POST /swapd/unload)"
-        others = [q[0] for n, q in self._waiting.items() if q and n != name]
-        if others:
-            after = min(others, key=lambda w: w.enqueued).profile
-            return f"model {name!r} is being swapped out for {after!r}"
+        if child.room_for is not None:
+            return f"model {name!r} is being swapped out for {child.room_for!r}"
         return f"model {name!r} is being stopped"
 
     def _record_failure(self, name: str, why: str) -> None:
@@ -893,19 +1465,20 @@ class Supervisor:
             self._publish("circuit_open", profile=name, failures=health.failures,
                           cooldown=restart.cooldown)
 
-    def _stable_at(self) -> float:
-        """When the ready model's failures are forgotten (inf: none to forget)."""
-        if (self.state is not State.READY or self.active is None or self.proc is None
-                or self.proc.ready_at is None or self.active.name not in self.health):
+    def _stable_at(self, child: Child) -> float:
+        """When a ready child's failures are forgotten (inf: none to forget)."""
+        proc = child.proc
+        if (child.state is not State.READY or proc is None or proc.ready_at is None
+                or child.name not in self.health):
             return math.inf
-        return self.proc.ready_at + self.config.restart.stable_after
+        return proc.ready_at + self.config.restart.stable_after
 
-    def _forget_if_stable(self) -> None:
-        """The ready model has stayed up ``restart.stable_after``: its failures are over."""
-        if self.active is not None and trio.current_time() >= self._stable_at():
-            del self.health[self.active.name]
+    def _forget_if_stable(self, child: Child) -> None:
+        """The child has stayed up ``restart.stable_after``: its failures are over."""
+        if trio.current_time() >= self._stable_at(child):
+            del self.health[child.name]
             log.info("%s has been up %gs; its earlier failures are forgotten",
-                     self.active.name, self.config.restart.stable_after)
+                     child.name, self.config.restart.stable_after)
 
     def _retry_at(self, name: str) -> float:
         health = self.health.get(name)
@@ -934,23 +1507,45 @@ class Supervisor:
         return profile.ttl if profile.ttl is not None else self.config.ttl
 
     def _retry_after(self) -> float:
-        expected = self.load_seconds.get(self.active.name) if self.active else None
+        active = self.active
+        expected = self.load_seconds.get(active.name) if active else None
         return max(1.0, round(expected or 5.0))
 
     # ------------------------------------------------------------- transitions
 
-    def _transition(self, new: State) -> None:
-        if new not in _TRANSITIONS[self.state]:
-            raise IllegalTransition(f"{self.state.name} -> {new.name}")
-        log.debug("state %s -> %s", self.state.name, new.name)
-        self.state = new
-        self._publish("state", state=new.value,
-                      profile=self.active.name if self.active else None)
+    def _transition(self, new: State, child: Child | None = None, *,
+                    profile: str | None = None) -> None:
+        """Move one child (or a profile with no child: FAILED -> IDLE) to ``new``."""
+        if child is not None:
+            old, name = child.state, child.name
+        elif profile is not None:
+            old, name = self.profile_state(profile), profile
+        else:
+            old, name = self.state, None
+        if new not in _TRANSITIONS[old]:
+            raise IllegalTransition(f"{old.name} -> {new.name}")
+        log.debug("state of %s %s -> %s", name, old.name, new.name)
+        if child is not None:
+            child.state = new
+        elif profile is not None and new is State.IDLE:
+            self._failed.pop(profile, None)
+        self._publish("state", state=new.value, profile=name)
 
-    def _grant(self, waiter: Waiter) -> None:
-        assert self.proc is not None and self.active is not None
-        lease = Lease(self.active, self.proc)
-        self._leases.add(lease)
+    def _touch(self, child: Child) -> None:
+        """The child was just used (granted, released, loaded): most recent now."""
+        self._uses += 1
+        child.use_seq = self._uses
+        child.last_used = trio.current_time()
+
+    def _grant(self, child: Child, waiter: Waiter) -> None:
+        assert child.proc is not None
+        if waiter.internal:  # a pinned/preload want: the model is loaded, nothing to hold
+            waiter.answered = True
+            return
+        lease = Lease(child.profile, child.proc)
+        child.leases.add(lease)
+        self._touch(child)
+        self._recent = child.name
         waiter.lease = lease
         self._answer(waiter, lease)
 
@@ -962,7 +1557,7 @@ class Supervisor:
             waiter.reply.send_nowait(result)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             if isinstance(result, Lease):
-                self._leases.discard(result)
+                self._return_lease(result)
 
     def _fail_all_waiters(self, error: LeaseError) -> None:
         for queue in self._waiting.values():
@@ -970,59 +1565,83 @@ class Supervisor:
                 self._answer(waiter, error)
         self._waiting.clear()
 
-    def _begin_start(self, profile: Profile) -> None:
+    def _begin_start(self, profile: Profile, usage: dict[int, int]) -> None:
         assert self._nursery is not None
-        if "stopped" not in self._swap:  # a load with nothing to stop first
-            now = trio.current_time()
-            self._swap = {"from": None, "began": now, "stopped": now}
-        self.active = profile
-        self._cleared.pop(profile.name, None)  # each start is checked afresh
-        self._draining_since = None
-        self._start_began = trio.current_time()
-        self._transition(State.STARTING)
-        self._publish("starting", profile=profile.name,
-                      expected_seconds=self.load_seconds.get(profile.name))
-        scope = trio.CancelScope()
-        self._start_scope = scope
-        self._nursery.start_soon(self._run_start, profile, scope)
-
-    def _begin_stop(self) -> None:
-        assert self._nursery is not None and self.proc is not None
-        # A swap when someone waits for another model; an unload, TTL or shutdown
-        # otherwise, and then the next load starts from nothing.
-        if any(self._waiting.values()) and not self._shutting_down:
-            self.stats["swaps"] += 1
-            self._swap = {"from": self.proc.name, "began": trio.current_time()}
+        now = trio.current_time()
+        child = Child(profile, state=self.profile_state(profile.name), usage=dict(usage),
+                      idle_since=now, last_used=now, start_began=now)
+        record = self._room.pop(profile.name, None)
+        if record is not None and record.get("from"):
+            record.setdefault("began", now)
+            record.setdefault("stopped", now)
+            child.swap = record
         else:
-            self._swap = {}
-        self._transition(State.STOPPING)
-        self._draining_since = None
-        self._publish("stopping", profile=self.proc.name)
-        self._nursery.start_soon(self._run_stop, self.proc, self.active)
+            child.swap = {"from": None, "began": now, "stopped": now}
+        self._children[profile.name] = child
+        self._touch(child)
+        self._recent = profile.name
+        self._cleared.pop(profile.name, None)  # each start is checked afresh
+        self._transition(State.STARTING, child)
+        self._failed.pop(profile.name, None)
+        self._publish("starting", profile=profile.name,
+                      expected_seconds=self.load_seconds.get(profile.name),
+                      gpus=list(child.gpus))
+        scope = trio.CancelScope()
+        child.start_scope = scope
+        self._nursery.start_soon(self._run_start, child, scope)
 
-    def _cancel_start(self) -> None:
-        if self._start_scope is not None:
-            self._start_scope.cancel()
-        self._transition(State.STOPPING)
+    def _begin_stop(self, child: Child, reason: str) -> None:
+        assert self._nursery is not None and child.proc is not None
+        if reason == "room":  # a stop so that another model can load: a swap
+            self.stats["swaps"] += 1
+        if child.room_for is not None and child.room_for in self._room:
+            self._room[child.room_for].setdefault("began", trio.current_time())
+        self.evictions[reason] = self.evictions.get(reason, 0) + 1
+        self._transition(State.STOPPING, child)
+        child.draining_since = None
+        self._publish("evicted", fact=Evicted(child.name, reason), profile=child.name,
+                      reason=reason)
+        self._publish("stopping", profile=child.name)
+        self._nursery.start_soon(self._run_stop, child.proc, child.profile)
+
+    def _cancel_start(self, child: Child, reason: str) -> None:
+        if child.start_scope is not None:
+            child.start_scope.cancel()
+        self._transition(State.STOPPING, child)
 
     def _finish_unloads(self) -> None:
-        self._unload_requested = False
-        for done in self._unloads:
-            done.set()
-        self._unloads.clear()
+        for entry in list(self._unloads):
+            names, done = entry
+            if not names & self._children.keys():
+                done.set()
+                self._unloads.remove(entry)
 
     def _ready_to_exit(self) -> bool:
-        return self.state in (State.IDLE, State.FAILED) and self._start_scope is None
+        return not self._children
 
-    def _publish(self, kind: str, **data: Any) -> None:
+    def _publish(self, kind: str, *, fact: Fact | None = None, **data: Any) -> None:
         self._seq += 1
-        self.events.append(Event(self._seq, self._wall(), kind, data))
+        self.events.append(Event(self._seq, self._wall(), kind, data, fact))
         self._changed.set()
         self._changed = trio.Event()
 
     # ----------------------------------------------------------- helper tasks
 
-    async def _run_start(self, profile: Profile, scope: trio.CancelScope) -> None:
+    def _placed(self, child: Child) -> Profile:
+        """The profile as launched: ``CUDA_VISIBLE_DEVICES`` set to the plan's GPUs (and
+        an even ``--tensor-split`` for a split) when swapd places models on GPUs."""
+        profile = child.profile
+        gpus = child.gpus
+        if not gpus or not (self.config.gpus or len(self.budgets()) > 1):
+            return profile  # no gpus configured: touch nothing (one GPU, as ever)
+        env = {**profile.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        flags = dict(profile.flags)
+        if len(gpus) > 1 and not any(_is_flag(k, "tensor-split") for k in flags):
+            flags["tensor-split"] = ",".join("1" for _ in gpus)
+        return attrs.evolve(profile, env=env, flags=flags)
+
+    async def _run_start(self, child: Child, scope: trio.CancelScope) -> None:
+        profile = child.profile
         timeouts = self.config.timeouts
         proc: process.LlamaProcess | None = None
         error: StartError | None = None
@@ -1034,7 +1653,7 @@ class Supervisor:
                     if problem is not None:  # cheap if it ran before the drain: cached
                         raise StartFailed(profile.name, problem)
                     await self._check_fits(profile)
-                    proc = self._launch(self.config, profile, self.child_log,
+                    proc = self._launch(self.config, self._placed(child), self.child_log,
                                         self.slots.argv(profile))
                     assert self._nursery is not None
                     self._nursery.start_soon(self._watch, proc)
@@ -1042,7 +1661,8 @@ class Supervisor:
                     slots, size = self.slots.restorable(profile)
                     if slots:
                         await self._post_shielded(Phase(
-                            f"restoring {profile.name}'s prompt cache, {size / 1e6:.1f} MB"))
+                            f"restoring {profile.name}'s prompt cache, {size / 1e6:.1f} MB",
+                            profile.name))
                         with trio.move_on_after(SLOT_TIMEOUT):
                             await self.slots.restore(proc, profile)
                 except StartError as failure:
@@ -1057,6 +1677,62 @@ class Supervisor:
             if not handed_over and proc is not None and proc.alive:
                 with trio.CancelScope(shield=True):  # bounded by stop()'s own grace
                     await proc.stop(timeouts.stop)
+
+    async def _run_measure(self, profile: Profile, proc: process.LlamaProcess) -> None:
+        """What the ready child allocated, from its buffer lines; remembered in state_dir.
+
+        The lines come before readiness, but the output reader may not have read them
+        all yet: look after ``MEASURE_SETTLE``, then every ``MEASURE_SETTLE`` until
+        ``MEASURE_WAIT`` (a build that prints none is not waited for beyond that).
+        """
+        deadline = trio.current_time() + MEASURE_WAIT
+        measured: Footprint | None = None
+        while measured is None and proc.alive and trio.current_time() < deadline:
+            await trio.sleep(MEASURE_SETTLE)
+            measured = Footprint.parse(list(proc.tail))
+        if measured is None:
+            return
+        found = measured
+
+        def remember() -> None:
+            key = definition_key(profile.model, profile.flags, _mtime(profile.model))
+            self.footprints.put(profile.name, key, found)
+
+        with trio.move_on_after(SIZE_TIMEOUT):
+            await trio.to_thread.run_sync(remember, abandon_on_cancel=True)
+        await self._post_shielded(Measured(proc, found))
+
+    async def _run_size(self, profile: Profile) -> None:
+        """Size a profile off-loop: measured, else ``memory:``, else the estimate, else
+        its whole GPU (so an unsizable model never shares one by accident)."""
+
+        def size() -> tuple[int | None, int | None]:
+            key = definition_key(profile.model, profile.flags, _mtime(profile.model))
+            found = self.footprints.get(profile.name, key)
+            measured = found.gpu_total if found is not None and found.gpu_total else None
+            try:
+                estimate = estimate_profile(profile)
+            except Exception:  # a bug in the estimate must not stop the load
+                log.exception("estimating %s failed", profile.name)
+                return measured, None
+            return measured, estimate.total if estimate.sized else None
+
+        measured: int | None = None
+        estimate: int | None = None
+        with trio.move_on_after(SIZE_TIMEOUT):
+            measured, estimate = await trio.to_thread.run_sync(size, abandon_on_cancel=True)
+        budgets = self.budgets()
+        whole = max((budgets.get(g, 0) for g in profile.gpu), default=0) or max(
+            budgets.values(), default=0)
+        if measured is not None:
+            footprint, source = measured, "measured"
+        elif profile.memory is not None:
+            footprint, source = profile.memory, "memory"
+        elif estimate is not None:
+            footprint, source = estimate, "estimate"
+        else:
+            footprint, source = whole * max(1, len(profile.gpu)), "gpu"
+        await self._post_shielded(Sized(profile, footprint, source, estimate, measured))
 
     async def _run_check(self, profile: Profile) -> None:
         await self._post_shielded(Checked(profile, await self._check(profile)))
@@ -1085,7 +1761,8 @@ class Supervisor:
     async def _run_stop(self, proc: process.LlamaProcess, profile: Profile | None) -> None:
         started = trio.current_time()
         if profile is not None and proc.alive and self.slots.keeps(profile):
-            await self._post_shielded(Phase(f"saving {profile.name}'s prompt cache"))
+            await self._post_shielded(Phase(f"saving {profile.name}'s prompt cache",
+                                            profile.name))
             with trio.move_on_after(SLOT_TIMEOUT):
                 await self.slots.save(proc, profile)
         await proc.stop(self.config.timeouts.stop)
@@ -1099,8 +1776,8 @@ class Supervisor:
             await proc.exited.wait()
             await self._post_shielded(Exited(proc))
 
-    async def _probe_health(self, proc: process.LlamaProcess) -> None:
-        """Watch the ready ``proc`` for life until it stops being the ready child.
+    async def _probe_health(self, child: Child, proc: process.LlamaProcess) -> None:
+        """Watch the ready ``proc`` for life until it stops being ``child``'s ready process.
 
         A child that sent no byte of any answer for ``timeouts.health_check`` is asked
         ``/health`` (each probe bounded by ``timeouts.health_check_timeout``; any answer
@@ -1109,7 +1786,7 @@ class Supervisor:
         too busy to answer a probe. ``HEALTH_MISSES`` misses in a row report it ``Hung``.
         """
         misses = 0
-        while self.proc is proc and self.state is State.READY and proc.alive:
+        while child.proc is proc and child.state is State.READY and proc.alive:
             timeouts = self.config.timeouts  # the current one, across reloads
             if not timeouts.health_check:
                 return
@@ -1123,7 +1800,7 @@ class Supervisor:
                     or proc.last_heard > asked):
                 misses = 0
                 continue
-            if self.proc is not proc or not proc.alive:
+            if child.proc is not proc or not proc.alive:
                 return
             misses += 1
             log.warning("%s (pid %d) did not answer its health check within %gs (%d of %d)",
@@ -1144,17 +1821,46 @@ class Supervisor:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
-        with (trio.CancelScope(shield=True), trio.move_on_after(5),
+        with (trio.CancelScope(shield=True), trio.move_on_after(POST_TIMEOUT),
               contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)):
             await self._send.send(message)
 
     async def _stop_now(self) -> None:
-        """Last resort when ``run`` ends: the child never outlives the supervisor."""
-        for lease in self._leases:
-            lease.revoked_because = "swapd stopped at once, without waiting for requests"
-            lease.scope.cancel()
-        if self.proc is not None and self.proc.alive:
-            await self.proc.stop(self.config.timeouts.stop)
+        """Last resort when ``run`` ends: no child outlives the supervisor."""
+        for child in self._children.values():
+            self._revoke(child, "swapd stopped at once, without waiting for requests")
+        procs = [c.proc for c in self._children.values() if c.proc is not None and c.proc.alive]
+        if self._kill_requested:
+            for proc in procs:
+                proc.kill_now()
+        async with trio.open_nursery() as nursery:
+            for proc in procs:  # each bounded by its stop grace, all at once
+                nursery.start_soon(proc.stop, self.config.timeouts.stop)
+
+
+def _ready(child: Child) -> bool:
+    return child.state is State.READY
+
+
+def _is_flag(key: str, name: str) -> bool:
+    try:
+        return canonical_flag(key) == name
+    except ValueError:
+        return False
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _spread(measured: Footprint, gpus: Sequence[int]) -> dict[int, int]:
+    """A measurement (per CUDA device as the child saw them) as bytes per GPU id."""
+    on = measured.on_gpus()
+    return {gpu: on.get(f"CUDA{index}", 0) for index, gpu in enumerate(gpus)
+            if on.get(f"CUDA{index}", 0)}
 
 
 def _load_times_path(config: Config) -> Path:

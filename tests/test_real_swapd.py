@@ -205,3 +205,57 @@ async def test_a_stopped_real_server_is_killed_and_replaced(
             "messages": [{"role": "user", "content": "hello"}]})
         assert again.status_code == 200
         assert running.supervisor.proc is not None and running.supervisor.proc.pid != proc.pid
+
+
+async def test_an_embedding_and_a_chat_model_stay_resident_together(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path) -> None:
+    """Residency with the real server: two models side by side, interleaved requests
+    served with no swap; a third that does not fit evicts the least recently used."""
+    config = json.loads(real_config(tmp_path, tiny_models, llama_server_bin))
+    config["gpus"] = [{"id": 0, "memory": "10GiB"}]
+    config["residency"] = {"mode": "budget", "reserve": 0}
+    profiles = config["profiles"]
+    profiles["tiny-a"]["memory"] = "4GiB"
+    profiles["tiny-b"]["memory"] = "4GiB"
+    profiles["tiny-b"]["flags"] |= {"embedding": True, "pooling": "mean"}
+    profiles["tiny-a-long"]["memory"] = "4GiB"  # 3 x 4 GiB > 10 GiB: one must go
+
+    async def chat(client: httpx.AsyncClient, model: str) -> None:
+        answer = await client.post("/v1/chat/completions", json={
+            "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 200, answer.text
+
+    async def embed(client: httpx.AsyncClient) -> None:
+        answer = await client.post("/v1/embeddings", json={"model": "tiny-b",
+                                                           "input": "hello"})
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["data"][0]["embedding"]) > 0
+
+    async with open_server(parse_config(json.dumps(config))) as running, \
+            httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+        sup = running.supervisor
+        await chat(client, "tiny-a")
+        await embed(client)
+
+        def pids() -> dict[str, int]:
+            return {row["name"]: row["pid"] for row in sup.resident()}
+
+        both = pids()
+        assert set(both) == {"tiny-a", "tiny-b"}
+        for _ in range(3):
+            await embed(client)
+            await chat(client, "tiny-a")
+        assert pids() == both  # neither was restarted
+        assert sup.stats["swaps"] == 0
+        ps = (await client.get("/api/ps")).json()["models"]
+        assert sorted(m["name"] for m in ps) == ["tiny-a", "tiny-b"]
+        assert all(m["size_vram"] == 4 * 2**30 for m in ps)
+        # tiny-b (the embeddings) was used before tiny-a's last chat: it goes.
+        await chat(client, "tiny-a-long")
+        after = pids()
+        assert set(after) == {"tiny-a", "tiny-a-long"}
+        assert after["tiny-a"] == both["tiny-a"]
+        assert sup.stats["swaps"] == 1
+        status = (await client.get("/swapd/status")).json()
+        assert status["gpus"][0]["planned"] == 8 * 2**30
+        assert {r["name"] for r in status["resident"]} == {"tiny-a", "tiny-a-long"}
