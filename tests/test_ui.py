@@ -307,3 +307,43 @@ async def test_status_page_loads_a_model_and_shows_a_failure(
         errors = [entry for entry in await in_thread(driver.get_log, "browser")
                   if entry["level"] == "SEVERE" and entry["source"] != "network"]
         assert not errors, errors
+
+
+async def test_status_page_draws_each_gpu_with_its_resident_models(
+        browser: None, tmp_path: Path, artifacts: Path) -> None:
+    """residency.mode: budget: one bar for GPU 0, a segment per resident model."""
+    write_header_only(tmp_path / "chat.gguf", tmp_path / "embed.gguf")
+    config = parse_config(json.dumps({
+        "listen": "127.0.0.1:0", "state_dir": str(tmp_path / "state"),
+        "llama_server": {"command": [sys.executable, str(FAKE_LLAMA_SERVER)]},
+        "gpus": [{"id": 0, "memory": "24GiB"}],
+        "residency": {"mode": "budget", "reserve": "512MiB"},
+        "profiles": {
+            "chat": {"model": "chat.gguf", "display_name": "Qwen3 27B", "memory": "17.5GiB"},
+            "embed": {"model": "embed.gguf", "display_name": "Qwen3 embed",
+                      "memory": "700MiB"},
+        }}), base_dir=tmp_path)
+
+    def bar_shown(driver: WebDriver) -> bool:
+        section = driver.find_element(By.ID, "gpus")
+        segments = section.find_elements(By.CSS_SELECTOR, ".seg.gpu.ready")
+        return section.is_displayed() and len(segments) == 2 and "free" in section.text
+
+    async with (open_server(config) as running,
+                httpx.AsyncClient(base_url=running.url, timeout=30) as client,
+                open_browser(tmp_path / "chromium") as driver):
+        for name in ("chat", "embed"):
+            assert (await client.post("/swapd/load", json={"model": name})).status_code == 200
+        await trio.to_thread.run_sync(driver.get, running.url + "/")
+        await trio.to_thread.run_sync(wait_for, driver, "a bar for GPU 0 with two models",
+                                      bar_shown)
+        # Both cards say ready: each resident model has its own state.
+        await trio.to_thread.run_sync(wait_for, driver, "both models ready",
+                                      lambda d: all(card_shows(n, "ready", "ready")(d)
+                                                    for n in ("chat", "embed")))
+        text = driver.find_element(By.ID, "gpus").text
+        # 24 GiB less the 512 MiB reserve; 17.5 + 0.7 GiB used, the rest free.
+        assert "GPU 0" in text and "23.5 GiB for models" in text, text
+        assert "Qwen3 27B 17.5 GiB" in text and "Qwen3 embed 700 MiB" in text, text
+        assert "5.3 GiB free" in text, text
+        await trio.to_thread.run_sync(screenshot, driver, artifacts / "6-gpus.png")

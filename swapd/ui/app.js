@@ -470,6 +470,11 @@
 
   function profileState(name) {
     const s = model.status;
+    // Several models may be resident (residency.mode: budget): each has its own state.
+    const resident = (s.resident || []).find((r) => r.name === name);
+    if (resident && ["starting", "ready", "stopping"].includes(resident.state)) {
+      return resident.state;
+    }
     if (s.active === name && ["starting", "ready", "stopping"].includes(s.state)) return s.state;
     const circuit = (s.circuits || {})[name];
     if (circuit && circuit.failures > 0) return "failed";
@@ -1003,7 +1008,10 @@
     model.pending[name] = "unload";
     render();
     try {
-      const res = await api("/swapd/unload", { method: "POST" });
+      const res = await api("/swapd/unload", {
+        method: "POST", headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: name }),
+      });
       if (!res.ok) model.actionError[name] = `unload failed: HTTP ${res.status}`;
     } catch (e) {
       model.actionError[name] = `could not reach swapd: ${e.message}`;
