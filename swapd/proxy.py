@@ -247,7 +247,11 @@ class InferenceProxy:
         The exchange is cancelled too, but a send to the client may be stuck where no
         cancel reaches (hypercorn shields its socket writes; ``timeouts.send`` ends
         those): the model must not stay leased, nor keep generating, until then.
+        Hypercorn also reports a disconnect once an answer is complete: then the
+        exchange ends by itself, and its connection goes back to the pool.
         """
+        if ex.upstream is not None and ex.upstream.complete:
+            return
         if ex.upstream is not None:
             ex.upstream.abort()
         if ex.lease is not None:

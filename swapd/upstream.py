@@ -83,6 +83,11 @@ class ChildResponse:
         self._streamed = any(name.lower() == b"content-type" and b"event-stream" in value
                              for name, value in self.raw_headers)
 
+    @property
+    def complete(self) -> bool:
+        """The whole answer has been read."""
+        return self._complete
+
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         connection = self._connection
         assert connection is not None, "the answer was already read or closed"

@@ -274,6 +274,21 @@ async def test_a_client_that_stops_reading_gives_its_lease_back(tmp_path: Path,
         await stream.aclose()
 
 
+async def test_the_end_of_an_answer_is_not_taken_for_a_client_leaving(
+        tmp_path: Path) -> None:
+    """Hypercorn reports ``http.disconnect`` as soon as an answer is complete: that must
+    not close the child's connection (it is kept for the next request) as a client that
+    left mid-answer would."""
+    async with swapd(tmp_path) as (running, client):
+        for _ in range(3):
+            answer = await client.post("/v1/chat/completions", json=chat("a"))
+            assert answer.status_code == 200
+            await trio.testing.wait_all_tasks_blocked()  # the exchange has ended
+        proc = running.supervisor.proc
+        assert proc is not None
+        assert len(proc.pool._idle) == 1  # one connection, reused by every request
+
+
 # -- a child that stops ---------------------------------------------------------------
 
 
