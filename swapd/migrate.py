@@ -829,7 +829,11 @@ def import_manifest(text: str) -> Imported:
         if top == key:
             continue
         if top in _COMMAND_KEYS and isinstance(value, str | list) and value:
-            draft.command = [str(v) for v in value] if isinstance(value, list) else [value]
+            command = [str(v) for v in value] if isinstance(value, list) else [value]
+            if command[0].strip():
+                draft.command = command
+            else:
+                draft.lose(top, "names no program; llama_server.command stays llama-server")
         elif top in ("host", "port", "listen"):
             draft.lose(top, "the sidecar's own address; swapd listens on 'listen' (below) "
                        "and picks the llama-server port itself")

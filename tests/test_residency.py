@@ -438,5 +438,5 @@ async def test_two_models_that_fit_load_at_the_same_time(tmp_path: Path,
                 clients.start_soon(ask, name)
         assert served["a"] == pytest.approx(5.0, abs=0.1)  # side by side, not one
         assert served["b"] == pytest.approx(5.0, abs=0.1)  # after the other
-        assert launcher.names == ["a", "b"]
+        assert sorted(launcher.names) == ["a", "b"]  # each once; trio orders the two freely
         await sup.shutdown()
