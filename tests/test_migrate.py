@@ -861,7 +861,7 @@ def test_manifest_shapes_that_make_no_sense_are_reported_never_a_crash(text: str
                ttl=_VALUES, env=_VALUES, description=_VALUES, keep_cache=_VALUES,
                flags=st.one_of(_CMDS, _VALUES), args=st.one_of(_CMDS, _VALUES),
                ctx_size=_VALUES)), max_size=4))
-@example(top={"llama_server": [""]}, profiles={})  # found once by random exploration
+@example(top={"llama_server": [""]}, profiles={"a": "/m/a.gguf"})  # found by exploring
 def test_any_manifest_imports_to_a_config_that_loads_or_says_why(
         top: dict[str, object], profiles: dict[str, object]) -> None:
     source = yaml.safe_dump({**top, "profiles": profiles}, allow_unicode=True)
