@@ -55,6 +55,9 @@ OLLAMA_API_VERSION = "0.12.6"
 
 SSE_KEEPALIVE = 15.0
 
+LAST_SEND_TIMEOUT = 5.0
+"""The shielded last send of an answer (see ``_shield_last_send``) gives up after this."""
+
 LOG_LINES = 200
 """Lines ``/swapd/logs`` answers without ``?lines=``."""
 
@@ -215,7 +218,7 @@ def _shield_last_send(send: Send) -> Send:
     async def send_last_shielded(message: Message) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             with trio.CancelScope(shield=True) as scope:
-                scope.relative_deadline = 5
+                scope.relative_deadline = LAST_SEND_TIMEOUT
                 await send(message)
         else:
             await send(message)

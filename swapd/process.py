@@ -66,6 +66,23 @@ READY_HINTS = (b"model loaded", b"listening on", b"server is listening")
 PROMPT_TIMING = re.compile(rb"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 """llama-server's per-request timing line; swapd learns each model's prompt speed from it."""
 
+HEALTH_POLL_TIMEOUT = 2.0
+"""One readiness poll of ``/health`` while a model loads (polls repeat every 20 ms)."""
+
+REAP_POLL_INTERVAL = 0.05
+"""How often to look for the exit of a child without a pidfd (old kernels; rare)."""
+
+OUTPUT_DRAIN_TIMEOUT = 0.5
+"""How long the last lines of a child that exited may take to arrive (a grandchild can
+hold the pipe open for ever)."""
+
+CLIENT_CLOSE_TIMEOUT = 1.0
+"""Closing the child's HTTP client on stop; its connections are loopback."""
+
+KILL_WAIT_TIMEOUT = 5.0
+"""After SIGKILL, the longest wait for the kernel to end a process (it takes
+milliseconds unless the process is in uninterruptible sleep, e.g. a stuck GPU driver)."""
+
 TAIL_LINES = 40
 """Lines of the child's own output kept for error messages (exit code + stderr tail)."""
 
@@ -374,7 +391,7 @@ class LlamaProcess:
             pidfd = os.pidfd_open(self.pid)
         except OSError:  # already reaped by another waiter, or no pidfd: poll (rare)
             while not self.exited.is_set() and not self._try_reap():  # noqa: ASYNC110
-                await trio.sleep(0.05)
+                await trio.sleep(REAP_POLL_INTERVAL)
             return
         try:
             await trio.lowlevel.wait_readable(pidfd)
@@ -449,7 +466,7 @@ class LlamaProcess:
     async def _healthy(self) -> bool:
         """One ``/health`` poll, over the lean client: polls run every 20 ms of a load."""
         try:
-            with trio.move_on_after(2.0):
+            with trio.move_on_after(HEALTH_POLL_TIMEOUT):
                 response = await self.pool.request(b"GET", b"/health", [], b"")
                 try:
                     await response.aread()
@@ -465,7 +482,7 @@ class LlamaProcess:
 
         Bounded: a grandchild can hold the pipe open long after the child is gone.
         """
-        with trio.move_on_after(0.5):
+        with trio.move_on_after(OUTPUT_DRAIN_TIMEOUT):
             await self._output_done.wait()
 
     # -- stopping --
@@ -478,7 +495,7 @@ class LlamaProcess:
         """
         with trio.CancelScope(shield=True):
             await self.pool.aclose()
-            with trio.move_on_after(1.0):
+            with trio.move_on_after(CLIENT_CLOSE_TIMEOUT):
                 await self.client.aclose()
             if self.alive:
                 self._signal_group(signal.SIGTERM)
@@ -491,7 +508,7 @@ class LlamaProcess:
                 log.warning("%s (pid %d) ignored SIGTERM for %gs; sending SIGKILL",
                             self.name, self.pid, grace)
                 self._signal_group(signal.SIGKILL)
-                with trio.move_on_after(5.0):
+                with trio.move_on_after(KILL_WAIT_TIMEOUT):
                     await self.wait_exit()
             # Grandchildren that outlived the leader would keep the port and the VRAM.
             self._signal_group(signal.SIGKILL)
@@ -516,7 +533,7 @@ class LlamaProcess:
             if killed:
                 log.info("%s (pid %d): killed %d more process(es) it started: %s", self.name,
                          self.pid, len(killed), ", ".join(map(str, sorted(killed))))
-            with trio.move_on_after(5.0):
+            with trio.move_on_after(KILL_WAIT_TIMEOUT):
                 for pidfd in killed.values():
                     await trio.lowlevel.wait_readable(pidfd)  # readable once it exited
         finally:

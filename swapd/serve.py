@@ -36,6 +36,9 @@ from .supervisor import Launcher, Supervisor
 
 log = logging.getLogger("swapd")
 
+FALLBACK_CLIENTS_CLOSE_TIMEOUT = 2.0
+"""Closing the fallback chain's HTTP clients at exit (remote connections)."""
+
 
 @attrs.define
 class Running:
@@ -152,7 +155,7 @@ async def _open_server(config: Config, launcher: Launcher, config_path: Path | N
                 shutdown.set()
                 await supervisor.shutdown()
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+        with trio.CancelScope(shield=True), trio.move_on_after(FALLBACK_CLIENTS_CLOSE_TIMEOUT):
             await fallbacks.aclose()
         child_log.close()
 

@@ -31,6 +31,9 @@ import trio
 
 RECEIVE_SIZE = 65536
 
+REMOTE_ANSWER_CLOSE_TIMEOUT = 1.0
+"""Closing a remote fallback's answer (httpx), shielded, so it must be bounded."""
+
 
 class UpstreamError(Exception):
     """The upstream could not be reached, or broke the exchange."""
@@ -257,5 +260,5 @@ class HttpxResponse:
         return b"".join([chunk async for chunk in self.aiter_raw()])
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
+        with trio.CancelScope(shield=True), trio.move_on_after(REMOTE_ANSWER_CLOSE_TIMEOUT):
             await self._response.aclose()
