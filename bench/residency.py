@@ -94,7 +94,6 @@ async def _traffic(swapd: Swapd, requests: int) -> dict[str, Any]:
     status = await swapd.status()
     every = latencies["chat"] + latencies["embed"]
     return {"requests": requests, "total_s": round(total, 3), "swaps": status.get("swaps"),
-            "loads": len(status.get("history", [])),
             "p50_ms": round(1000 * percentile(every, 50), 2),
             "p99_ms": round(1000 * percentile(every, 99), 2),
             "chat_p50_ms": round(1000 * percentile(latencies["chat"], 50), 2),
@@ -130,11 +129,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _table(results: dict[str, Any]) -> str:
-    lines = ["| setup | residency | swaps | loads | total s | p50 ms | p99 ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setup | residency | swaps | total s | p50 ms | p99 ms |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
         setup, _, mode = name.partition("-")
-        lines.append(f"| {setup} | {mode} | {r['swaps']} | {r['loads']} | {r['total_s']} | "
+        lines.append(f"| {setup} | {mode} | {r['swaps']} | {r['total_s']} | "
                      f"{r['p50_ms']} | {r['p99_ms']} |")
     return "\n".join(lines)
 
