@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +66,9 @@ READY_HINTS = (b"model loaded", b"listening on", b"server is listening")
 
 PROMPT_TIMING = re.compile(rb"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 """llama-server's per-request timing line; swapd learns each model's prompt speed from it."""
+
+SETPRIV_PROBE_TIMEOUT = 5.0
+"""Asking ``setpriv --help`` once whether it has ``--pdeathsig`` (util-linux 2.33+)."""
 
 HEALTH_POLL_TIMEOUT = 2.0
 """One readiness poll of ``/health`` while a model loads (polls repeat every 20 ms)."""
@@ -265,8 +269,28 @@ def port_holder(port: int) -> PortHolder | None:
     return None
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's ``setpriv`` if it can set a parent-death signal, else None.
+
+    Setting the death signal from Python (``preexec_fn``) makes ``subprocess`` fork the
+    whole daemon and run Python in the copy before exec: 10.8 ms per spawn here, against
+    0.8 ms for ``setpriv --pdeathsig KILL -- llama-server ...``, which lets it vfork and
+    sets the signal in C right before it execs the model (the signal survives exec).
+    """
+    found = shutil.which("setpriv")
+    if found is None:
+        return None
+    try:
+        help_text = subprocess.run([found, "--help"], capture_output=True, text=True,
+                                   timeout=SETPRIV_PROBE_TIMEOUT).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found if "--pdeathsig" in help_text else None
+
+
 def _die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec."""
+    """Runs in the child between fork and exec (where there is no ``setpriv``)."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
@@ -790,12 +814,22 @@ def spawn(name: str, argv: Sequence[str], *, host: str, port: int,
     owner = owner_mark(pidfile.parent) if pidfile is not None else ""
     marker = f"{owner}:{secrets.token_hex(6)}"
     child_env[CHILD_MARKER] = marker
+    setpriv = _setpriv()
+    program = shutil.which(argv[0], path=child_env.get("PATH"))
     try:
-        popen = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
-        )
+        if program is None:  # setpriv would report it only as its own exit code 127
+            code = errno.EACCES if os.path.exists(argv[0]) else errno.ENOENT
+            raise OSError(code, os.strerror(code))
+        if setpriv is not None:
+            popen = subprocess.Popen(
+                [setpriv, "--pdeathsig", "KILL", "--", program, *argv[1:]],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=child_env, start_new_session=True)
+        else:
+            popen = subprocess.Popen(
+                [program, *argv[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
     except OSError as error:
         raise StartFailed(
             name, f"cannot run {argv[0]!r}: {error.strerror}; set llama_server.command to "
