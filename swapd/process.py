@@ -87,6 +87,9 @@ KILL_WAIT_TIMEOUT = 5.0
 """After SIGKILL, the longest wait for the kernel to end a process (it takes
 milliseconds unless the process is in uninterruptible sleep, e.g. a stuck GPU driver)."""
 
+MAX_BUFFER_LINES = 256
+"""Buffer-size lines kept per child (one per device and kind of buffer; a bound)."""
+
 TAIL_LINES = 40
 """Lines of the child's own output kept for error messages (exit code + stderr tail)."""
 
@@ -319,6 +322,9 @@ class LlamaProcess:
         """Prompt tokens per second, from the child's own timing lines (None until seen)."""
         self.exited = trio.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.buffer_lines: list[str] = []
+        """llama-server's ``... buffer size = N MiB`` lines, kept whole (at ``-lv 4`` a load
+        prints ~170 lines, and the tail would have lost the first ones by readiness)."""
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             trust_env=False,  # never route loopback through an HTTP(S)_PROXY
@@ -380,6 +386,8 @@ class LlamaProcess:
                     self.tail.extend(lines)
                     if self._log_sink is not None:
                         self._log_sink.write(lines)
+                    if b"buffer size" in data and len(self.buffer_lines) < MAX_BUFFER_LINES:
+                        self.buffer_lines += [line for line in lines if "buffer size" in line]
                     if self.ready_at is None and any(h in data for h in READY_HINTS):
                         self._wake.set()
                     elif b"prompt eval time" in data:

@@ -1689,7 +1689,7 @@ class Supervisor:
         measured: Footprint | None = None
         while measured is None and proc.alive and trio.current_time() < deadline:
             await trio.sleep(MEASURE_SETTLE)
-            measured = Footprint.parse(list(proc.tail))
+            measured = Footprint.parse(proc.buffer_lines)
         if measured is None:
             return
         found = measured

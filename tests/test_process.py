@@ -21,6 +21,7 @@ import trio
 
 from swapd import process
 from swapd.errors import StartFailed, StartTimeout
+from swapd.footprint import Footprint
 from tests.conftest import FAKE_LLAMA_SERVER
 
 HOST = "127.0.0.1"
@@ -355,3 +356,31 @@ async def test_the_reap_finds_leftovers_by_marker_and_by_session(tmp_path: Path)
         for proc in (marked, other, leader):
             proc.kill()
             proc.wait()
+
+
+async def test_buffer_lines_are_kept_whole_however_long_the_load_log(tmp_path: Path) -> None:
+    """At ``-lv 4`` llama-server prints ~170 lines while loading: the model buffer line is
+    long gone from the 40-line tail by readiness, and a footprint without it would
+    under-count the weights."""
+    wrapper = tmp_path / "verbose-llama-server"
+    wrapper.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        echo "load_tensors:        CUDA1 model buffer size =   100.00 MiB"
+        i=0; while [ $i -lt 100 ]; do echo "llama_model_loader: line $i"; i=$((i+1)); done
+        exec "$@"
+        """))
+    wrapper.chmod(0o755)
+    port = process.free_port(HOST)
+    async with trio.open_nursery() as nursery:
+        proc = process.spawn("m", [str(wrapper), *fake_argv(port, "--fake-vram-mib", "50")],
+                             host=HOST, port=port)
+        nursery.start_soon(proc.watch)
+        await proc.wait_ready(10, 0.02)
+        with trio.fail_after(5):
+            while len(proc.buffer_lines) < 4:  # the wrapper's line and the fake's three
+                await trio.sleep(0.01)
+        footprint = Footprint.parse(proc.buffer_lines)
+        assert footprint is not None
+        assert footprint.on_gpus() == {"CUDA1": 100 * 2**20, "CUDA0": 50 * 2**20}
+        assert not any("CUDA1" in line for line in proc.tail)  # the tail lost it
+        await proc.stop(5)

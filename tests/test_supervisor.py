@@ -49,6 +49,7 @@ class FakeProc:
         self.exit_code: int | None = None
         self.exited = trio.Event()
         self.tail: deque[str] = deque(["loading", "boom: out of memory"] if fail_code else [])
+        self.buffer_lines: list[str] = []
         self.stopped_at: float | None = None
         self.last_heard = trio.current_time()
         self.hung = False  # answers no health probe (a SIGSTOPped or deadlocked child)
