@@ -137,7 +137,7 @@ def check(config_path: str, *, llama_server: Path | None = None,
     problems = missing_model_files(config)
     print(f"config {config_path}: {len(config.profiles)} profile(s), "
           f"{len(config.fallbacks)} fallback(s), listening on "
-          f"{_host_port(config.listen.host, config.listen.port)}")
+          f"{config.listen.address}")
     for profile in config.profiles.values():
         aliases = f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""
         print(f"\nprofile {profile.name}{aliases}")
@@ -227,10 +227,6 @@ def _print_problems(problems: Sequence[str], *, source: str) -> None:
     print(f"{source}: {len(problems)} problem(s):", file=sys.stderr)
     for problem in problems:
         print(f"  - {problem}", file=sys.stderr)
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _display_argv(config: Config, name: str) -> str:

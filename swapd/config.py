@@ -59,7 +59,7 @@ from swapd.flags import SWAPD_OWNED, FlagValue, canonical_flag, format_value
 __all__ = [
     "Config", "Fallback", "FlagValue", "FrozenDict", "Gpu", "Listen", "LlamaServer", "Logs",
     "Profile", "Progress", "Queue", "Residency", "Restart", "Security", "Timeouts",
-    "default_state_dir", "load_config", "missing_model_files", "parse_config",
+    "default_state_dir", "host_port", "load_config", "missing_model_files", "parse_config",
     "parse_duration", "parse_size",
 ]
 
@@ -551,6 +551,11 @@ def default_state_dir() -> Path:
 # --- the manifest --------------------------------------------------------------------
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL or request line writes it: IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @attrs.frozen
 class Listen:
     """Where swapd's front end listens. YAML: ``127.0.0.1:9001``, ``0.0.0.0:9001``,
@@ -559,6 +564,10 @@ class Listen:
 
     host: str = _LOOPBACK
     port: Port = 9001
+
+    @property
+    def address(self) -> str:
+        return host_port(self.host, self.port)
 
 
 @attrs.frozen

@@ -50,7 +50,7 @@ import attrs
 import httpx
 import trio
 
-from .config import Config, Profile
+from .config import Config, Profile, host_port
 from .errors import StartFailed, StartTimeout
 from .flags import build_argv
 from .statedir import WriteErrors
@@ -314,7 +314,7 @@ class LlamaProcess:
         self.pid = popen.pid
         self.host = host
         self.port = port
-        self.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.base_url = f"http://{host_port(host, port)}"
         self.started_at = trio.current_time()
         self.ready_at: float | None = None
         self.exit_code: int | None = None

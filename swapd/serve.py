@@ -86,9 +86,7 @@ class _HypercornConfig(HypercornConfig):
 
 def hypercorn_config(config: Config) -> HypercornConfig:
     hc = _HypercornConfig()
-    host = config.listen.host
-    hc.bind = [f"[{host}]:{config.listen.port}" if ":" in host else
-               f"{host}:{config.listen.port}"]
+    hc.bind = [config.listen.address]
     hc.graceful_timeout = config.timeouts.drain
     # A connection's idle timer runs from its accept (and from the end of each answer)
     # until a complete request head arrives: the deadline on slow or stalled headers.
@@ -116,9 +114,8 @@ async def open_server(config: Config, *, launcher: Launcher = process.launch,
     before anything there (its pidfile, its child) is touched.
     """
     state_writes = WriteErrors()
-    host, port = config.listen.host, config.listen.port
-    lock = lock_state_dir(config.state_dir, [f"http://{f'[{host}]' if ':' in host else host}"
-                                             f":{port}"] if port else [], state_writes)
+    lock = lock_state_dir(config.state_dir, [f"http://{config.listen.address}"]
+                          if config.listen.port else [], state_writes)
     try:
         async with _open_server(config, launcher, config_path, lock, state_writes) as running:
             yield running
@@ -245,10 +242,7 @@ def _startup_cause(error: BaseException, config: Config | None = None) -> str | 
     if not isinstance(error, OSError):
         return None
     what = error.strerror or str(error)
-    listen = "the listen address"
-    if config is not None:
-        host = config.listen.host
-        listen = f"{f'[{host}]' if ':' in host else host}:{config.listen.port}"
+    listen = config.listen.address if config is not None else "the listen address"
     state_dir = config.state_dir if config is not None else "state_dir"
     if error.filename is None:  # a socket call: binding the listen address
         if error.errno == errno.EADDRINUSE:

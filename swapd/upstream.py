@@ -29,6 +29,8 @@ import h11
 import httpx
 import trio
 
+from .config import host_port
+
 RECEIVE_SIZE = 65536
 
 REMOTE_ANSWER_CLOSE_TIMEOUT = 1.0
@@ -155,7 +157,7 @@ class ChildPool:
         self.keepalive_expiry = keepalive_expiry
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
-        self._host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        self._host_header = host_port(host, port).encode()
         self._idle: list[_Connection] = []
         self._closed = False
         self.last_heard = trio.current_time()
