@@ -1,7 +1,7 @@
-"""The HTTP front end: discovery probes, operations, and the inference hot path.
+"""The HTTP front end: discovery probes, operations, metrics and the status page.
 
-``create_app`` returns one ASGI callable. Inference POSTs under ``/v1/`` go straight to
-``proxy.InferenceProxy``; everything else is a Quart route. Nothing here touches process
+``create_app`` returns the ASGI callable hypercorn serves the requests the fast path
+hands it (every request but inference POSTs, ``fastpath.py``). Nothing here touches process
 state: reads look at the supervisor's status, changes are commands sent to it. Probes
 never load, swap or unload anything.
 """
@@ -26,26 +26,15 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import __version__
-from .auth import Keys, load_keys, path_problem
+from .auth import Keys, load_keys
 from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile, load_config
 from .errors import ConfigError, LeaseError
 from .fallback import FallbackChain
+from .fastpath import NATIVE_POSTS, RequestError, error_body
 from .metrics import Metrics
 from .process import ChildLog
-from .proxy import (
-    NATIVE_POSTS,
-    InferenceProxy,
-    Message,
-    Receive,
-    RequestError,
-    Scope,
-    Send,
-    error_body,
-    parse_json_object,
-    replay_body,
-    send_error,
-)
+from .proxy import parse_json_object
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -129,7 +118,7 @@ class Frontend:
         return {"ready": "loaded", "starting": "loading"}.get(state, "unloaded")
 
 
-def create_app(frontend: Frontend) -> Any:
+def create_app(frontend: Frontend) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
     # Generations and streams last as long as they last; queue_wait bounds the waiting.
     # Bodies reach Quart already read (BodyReader, within timeouts.body): its own
@@ -157,65 +146,32 @@ def create_app(frontend: Frontend) -> Any:
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
         return _openai_error(error.status, str(error), "invalid_request_error", error.code)
-    proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
-    quart: Any = app  # Quart types its ASGI arguments more narrowly than the proxy does
+    return app
 
-    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            # No route is a WebSocket. Refused here, not by Quart: its answer to one
-            # would run the JSON error handler outside a request context (a 500), and
-            # this refusal needs no key check to keep every route behind its key.
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})  # hypercorn sends 403
-            return
-        if scope["type"] != "http":
-            await quart(scope, receive, send)
-            return
-        send = _shield_last_send(send)
-        # Refused before the key check and before routing: both then see one path.
-        problem = path_problem(scope["path"])
-        if problem is not None:
-            await send_error(send, 400, problem, "invalid_request_error", "invalid_path")
-            return
-        if not frontend.keys.allows(scope["path"], scope["headers"]):
-            await send_error(send, 401, "missing or invalid API key: send it as "
-                             "'Authorization: Bearer KEY' or 'x-api-key: KEY'",
-                             "invalid_request_error", "invalid_api_key",
-                             [(b"www-authenticate", b"Bearer")])
-            return
-        if scope["method"] == "POST" and (scope["path"].startswith("/v1/")
-                                          or scope["path"] in NATIVE_POSTS):
-            await proxy(scope, receive, send)
-        else:
-            await to_quart(scope, receive, send)
 
-    async def to_quart(scope: Scope, receive: Receive, send: Send) -> None:
-        """Quart buffers every body as it comes, with no deadline of its own that holds
-        while no route reads it: read it here, like the proxy does, then replay it."""
-        try:
-            body = await proxy.bodies.read(scope, receive)
-        except RequestError as error:
-            await send_error(send, error.status, str(error), error.type, error.code,
-                             error.headers())
-            return
-        if body is not None:  # None: the client left before it finished sending
-            await quart(scope, replay_body(body, receive), send)
+def served_app(frontend: Frontend) -> Any:
+    """The ASGI callable hypercorn serves: the Quart app, with the last send of every
+    answer shielded (``_shield_last_send`` says why)."""
+    quart: Any = create_app(frontend)
 
-    asgi.quart = app  # type: ignore[attr-defined]
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        await quart(scope, receive, _shield_last_send(send) if scope["type"] == "http"
+                    else send)
+
     return asgi
 
 
-def _shield_last_send(send: Send) -> Send:
+def _shield_last_send(send: Any) -> Any:
     """Send a response's last message in a (bounded) shield.
 
-    Hypercorn restarts the connection's keep-alive idle timer from inside that ``send``.
-    Quart-trio cancels its request nursery as soon as it sees ``http.disconnect``, and
-    that cancel reaches the idle timer's task as it starts: the idle connection is then
-    never closed, and shutdown waits the whole graceful timeout for every client that
-    keeps a connection open (every SDK does). Measured: 8 s vs 2 ms.
+    That send is where hypercorn ends the connection (the fast path hands it over for
+    one request, to close after). Quart-trio cancels its request nursery as soon as the
+    answer is out, and that cancel reaches hypercorn's close of the socket as it starts:
+    the connection would then stay open, with nothing more to serve, until the client
+    gave up.
     """
 
-    async def send_last_shielded(message: Message) -> None:
+    async def send_last_shielded(message: Any) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             with trio.CancelScope(shield=True) as scope:
                 scope.relative_deadline = LAST_SEND_TIMEOUT

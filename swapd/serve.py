@@ -1,8 +1,9 @@
 """``swapd serve``: the supervisor and the HTTP server in one trio run.
 
-Shutdown order (SIGTERM/SIGINT): hypercorn stops accepting and gives in-flight requests
-``timeouts.drain`` to finish, then the supervisor stops the child, then the process exits
-0. A second signal skips the wait: the child is killed at once.
+Shutdown order (SIGTERM/SIGINT): the listener stops accepting and in-flight requests
+(fast path and hypercorn alike) get ``timeouts.drain`` to finish, then the supervisor
+stops the child, then the process exits 0. A second signal skips the wait: the child is
+killed at once.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.trio import serve as hypercorn_serve
 
 from . import process
-from .app import Frontend, create_app, frontend_for
+from .app import Frontend, frontend_for, served_app
 from .auth import load_keys
 from .config import Config, load_config
 from .errors import ConfigError, StateDirBusy, SwapdError
 from .fallback import FallbackChain
+from .fastpath import MAX_HEAD_BYTES, FastPath
 from .notify import Notifier, status_text
+from .proxy import InferenceProxy
 from .statedir import StateLock, WriteErrors, lock_state_dir
 from .supervisor import Launcher, Supervisor
 
@@ -45,6 +47,7 @@ class Running:
     """A started swapd: what tests and the signal handler need to reach."""
 
     frontend: Frontend
+    fastpath: FastPath
     urls: list[str]
     shutdown: trio.Event
 
@@ -55,10 +58,6 @@ class Running:
     @property
     def url(self) -> str:
         return self.urls[0]
-
-
-MAX_HEAD_BYTES = 16 * 1024
-"""Largest request head (request line and headers) accepted; larger ones get 431."""
 
 
 class _HypercornConfig(HypercornConfig):
@@ -82,6 +81,14 @@ class _HypercornConfig(HypercornConfig):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                                     max(1, round(self.send_timeout * 1000)))
         return sockets
+
+
+def fast_path(frontend: Frontend) -> FastPath:
+    """The server for ``frontend``: inference on the fast path, the rest on Quart."""
+    proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
+    return FastPath(lambda: frontend.config,
+                    lambda path, headers: frontend.keys.allows(path, headers), proxy,
+                    served_app(frontend), hypercorn_config(frontend.config))
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:
@@ -133,21 +140,19 @@ async def _open_server(config: Config, launcher: Launcher, config_path: Path | N
     fallbacks = FallbackChain(config.fallbacks)
     frontend = await trio.to_thread.run_sync(frontend_for, config, supervisor, child_log,
                                              fallbacks, config_path)
-    app = create_app(frontend)
+    fastpath = fast_path(frontend)
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
             nursery.start_soon(frontend.metrics.follow_events)
-            urls = await nursery.start(partial(
-                hypercorn_serve, app, hypercorn_config(config),
-                shutdown_trigger=shutdown.wait))
+            urls = await nursery.start(fastpath.serve, shutdown.wait)
             lock.describe(urls)
-            running = Running(frontend, urls, shutdown)
+            running = Running(frontend, fastpath, urls, shutdown)
             try:
                 yield running
             finally:
-                # Both drain at once: hypercorn its requests, the supervisor its leases
+                # Both drain at once: the server its requests, the supervisor its leases
                 # (waiters get 503 now); the child stops when the last lease is back.
                 shutdown.set()
                 await supervisor.shutdown()

@@ -2,7 +2,7 @@
 
 Every proxied request pays for its upstream client once per request and once per
 chunk. httpx costs about 1.3 ms of CPU per small request on these machines; the same
-exchange over h11 and a trio stream costs about 0.3 ms (``bench/README.md``). So the
+exchange over a raw trio socket costs about 0.1 ms (``bench/README.md``). So the
 inference hot path talks to llama-server through this module: keep-alive connections
 on loopback, plain HTTP/1.1, nothing else. httpx still does everything that is not per
 request (health polls, ``/props``, slot saves) and every remote fallback (TLS, proxies).
@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
 
-import h11
 import httpx
 import trio
 
 from .config import host_port
+from .wire import ChunkScanner, FramingError, send_all
 
 RECEIVE_SIZE = 65536
+
+MAX_HEAD = 64 * 1024
+"""Largest answer head accepted from a child (llama-server's are a few hundred bytes)."""
 
 REMOTE_ANSWER_CLOSE_TIMEOUT = 1.0
 """Closing a remote fallback's answer (httpx), shielded, so it must be bounded."""
@@ -45,87 +47,139 @@ class UpstreamTimeout(UpstreamError):
     """The upstream sent nothing for longer than its deadline allows."""
 
 
+class _ClosedIdle(UpstreamError):
+    """The connection ended before any byte of an answer: the server closed it idle."""
+
+
 class _Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.sock = stream.socket
         self.idle_since = 0.0
         self.reused = False
 
-    async def next_event(self, within: float = math.inf) -> Any:
-        """The next h11 event; ``trio.TooSlowError`` if no byte came for ``within`` s."""
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if within == math.inf:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            else:  # a bare scope: fail_after's context manager costs a third more per read
-                with trio.CancelScope(deadline=trio.current_time() + within) as scope:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                if scope.cancelled_caught:
-                    raise trio.TooSlowError
-            self.h11.receive_data(data)  # b"" marks EOF: h11 turns it into an error/close
+    async def recv(self, within: float) -> bytes:
+        """The next bytes (b"" at EOF); ``trio.TooSlowError`` if none for ``within`` s."""
+        if within == math.inf:
+            return await self.sock.recv(RECEIVE_SIZE)
+        # A bare scope: fail_after's context manager costs a third more per read.
+        with trio.CancelScope(deadline=trio.current_time() + within):
+            return await self.sock.recv(RECEIVE_SIZE)
+        raise trio.TooSlowError  # reached only when the deadline cancelled the read
 
-    @property
-    def reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+_NO_BODY_STATUS = frozenset({204, 304})
 
 
 class ChildResponse:
-    """An answer being read; give the connection back with ``aclose`` (always)."""
+    """An answer being read; give the connection back with ``aclose`` (always).
 
-    def __init__(self, pool: ChildPool, connection: _Connection, response: h11.Response,
+    Its body is read either as it is on the wire (``next_wire``: chunk framing and all,
+    for relaying it as is) or decoded (``next_data``, ``aiter_raw``, ``aread``).
+    """
+
+    def __init__(self, pool: ChildPool, connection: _Connection, status_code: int,
+                 headers: list[tuple[bytes, bytes]], rest: bytes,
                  first_byte_timeout: float = math.inf,
                  idle_timeout: float = math.inf) -> None:
-        self.status_code: int = response.status_code
-        self.raw_headers: list[tuple[bytes, bytes]] = list(response.headers)
-        self.first_byte_timeout = first_byte_timeout
+        self.status_code = status_code
+        self.raw_headers = headers
         self.idle_timeout = idle_timeout
         self._pool = pool
         self._connection: _Connection | None = connection
-        self._complete = False
+        self._pending = rest
+        self._timeout, self._setting = ((idle_timeout, "timeouts.upstream_idle") if rest
+                                        else (first_byte_timeout, "timeouts.first_byte"))
+        framing = _framing(status_code, headers)
+        self.chunked = framing == "chunked"
+        self._scanner = ChunkScanner() if self.chunked else None
+        self._left: int | None = framing if isinstance(framing, int) else None
+        self._keep_alive = framing != "close" and not any(
+            name == b"connection" and b"close" in value.lower() for name, value in headers)
+        self._complete = self._left == 0
         # llama-server closes the connection after every streamed answer, though its
         # headers say keep-alive: pooling it would only cost a failed send and a retry.
-        self._streamed = any(name.lower() == b"content-type" and b"event-stream" in value
-                             for name, value in self.raw_headers)
+        self.streamed = any(name == b"content-type" and b"event-stream" in value
+                            for name, value in headers)
 
     @property
     def complete(self) -> bool:
         """The whole answer has been read."""
         return self._complete
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        connection = self._connection
-        assert connection is not None, "the answer was already read or closed"
-        timeout, setting = self.first_byte_timeout, "timeouts.first_byte"
-        while True:
+    @property
+    def buffered(self) -> bool:
+        """Bytes of the body arrived with the head: ``next_wire`` returns them at once."""
+        return bool(self._pending)
+
+    @property
+    def at_boundary(self) -> bool:
+        """Nothing of the body is half relayed: no chunk is cut where the relay stands."""
+        return self._scanner is None or self._scanner.at_boundary
+
+    @property
+    def length(self) -> int | None:
+        """The body's declared length; None when chunked or until the connection ends."""
+        return self._left if not self.chunked else None
+
+    async def next_wire(self, decode: bool = False) -> bytes:
+        """The next bytes of the body as framed on the wire; b"" once it is complete.
+
+        With ``decode``, the payload of those bytes instead (b"" too when they held only
+        framing: check ``complete``).
+        """
+        if self._complete:
+            return b""
+        data, self._pending = self._pending, b""
+        if not data:
+            connection = self._connection
+            assert connection is not None, "the answer was already closed"
             try:
-                event = await connection.next_event(timeout)
-            except (h11.RemoteProtocolError, trio.BrokenResourceError,
-                    trio.ClosedResourceError, OSError) as error:
-                raise UpstreamError(f"the answer broke off: {error}") from None
+                data = await connection.recv(self._timeout)
             except trio.TooSlowError:
-                raise UpstreamTimeout(f"it sent nothing for {timeout:g}s ({setting})") from None
-            if isinstance(event, h11.Data):
-                # Take what h11 already holds too: tokens that arrived together leave
-                # together, one downstream send instead of one each.
-                data = bytes(event.data)
-                while isinstance(event := connection.h11.next_event(), h11.Data):
-                    data += event.data
-                self._pool.last_heard = trio.current_time()
-                timeout, setting = self.idle_timeout, "timeouts.upstream_idle"
-                yield data
-                if isinstance(event, h11.EndOfMessage):
+                raise UpstreamTimeout(
+                    f"it sent nothing for {self._timeout:g}s ({self._setting})") from None
+            except (trio.ClosedResourceError, OSError) as error:
+                raise UpstreamError(f"the answer broke off: {error}") from None
+            if not data:
+                if self._left is None and self._scanner is None:  # ends with the connection
                     self._complete = True
-                    return
-                if event is not h11.NEED_DATA:
-                    raise UpstreamError(f"unexpected {type(event).__name__} in the answer")
-            elif isinstance(event, h11.EndOfMessage):
-                self._complete = True
-                return
-            elif isinstance(event, h11.ConnectionClosed):
+                    return b""
                 raise UpstreamError("the connection closed before the answer ended")
+            self._pool.last_heard = trio.current_time()
+            self._timeout, self._setting = self.idle_timeout, "timeouts.upstream_idle"
+        scanner = self._scanner
+        if scanner is not None:
+            try:
+                used = scanner.scan(data, decode)
+            except FramingError as error:
+                raise UpstreamError(f"the answer broke off: {error}") from None
+            if scanner.done:
+                self._complete = True
+                if used < len(data):
+                    self._keep_alive = False  # bytes past the answer: never reuse
+                data = data[:used]
+            if decode:
+                data = b"".join(scanner.payload)
+                scanner.payload.clear()
+        elif self._left is not None:
+            if len(data) >= self._left:
+                self._keep_alive = self._keep_alive and len(data) == self._left
+                data, self._complete = data[:self._left], True
+            self._left -= len(data)
+        return data
+
+    async def next_data(self) -> bytes:
+        """The next decoded bytes of the body; b"" once it is complete."""
+        while not self._complete:
+            data = await self.next_wire(decode=True)
+            if data:
+                return data
+        return b""
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while data := await self.next_data():
+            yield data
 
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_raw()])
@@ -140,11 +194,39 @@ class ChildResponse:
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._complete and connection.reusable and not self._streamed:
-            connection.h11.start_next_cycle()
+        if self._complete and self._keep_alive and not self.streamed:
             self._pool.give_back(connection)
         else:  # half read: the rest of the answer is still on the wire
             _close(connection)
+
+
+def _framing(status: int, headers: list[tuple[bytes, bytes]]) -> int | str:
+    """How the body ends: a length, "chunked", or "close" (when the connection does)."""
+    if status in _NO_BODY_STATUS:
+        return 0
+    length: int | str = "close"
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return "chunked" if value.lower().rstrip().endswith(b"chunked") else "close"
+        if name == b"content-length":
+            if not value.strip().isdigit():
+                raise UpstreamError(f"invalid Content-Length {value[:40]!r} in the answer")
+            length = int(value)
+    return length
+
+
+def _parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    status_line, *lines = head.split(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise UpstreamError(f"not an HTTP/1.1 answer: {status_line[:60]!r}")
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise UpstreamError(f"malformed header line in the answer: {line[:60]!r}")
+        headers.append((name.strip().lower(), value.strip()))
+    return int(parts[1]), headers
 
 
 class ChildPool:
@@ -157,7 +239,7 @@ class ChildPool:
         self.keepalive_expiry = keepalive_expiry
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
-        self._host_header = host_port(host, port).encode()
+        self._host_line = b"host: " + host_port(host, port).encode() + b"\r\n"
         self._idle: list[_Connection] = []
         self._closed = False
         self.last_heard = trio.current_time()
@@ -171,24 +253,23 @@ class ChildPool:
 
         Each wait for the head, then for the first byte of the body, may last
         ``first_byte_timeout``; later waits ``idle_timeout``. A silence longer than
-        that raises ``UpstreamTimeout`` (an ``UpstreamError``).
+        that raises ``UpstreamTimeout`` (an ``UpstreamError``). ``headers`` must be
+        valid header fields (the fast path's parser checked the client's).
         """
-        headers = [(b"host", self._host_header),
-                   (b"content-length", str(len(body)).encode()), *headers]
-        request = h11.Request(method=method, target=target, headers=headers)
+        if isinstance(method, str):
+            method = method.encode("ascii")
+        if isinstance(target, str):
+            target = target.encode("ascii")
+        data = b"".join([method, b" ", target, b" HTTP/1.1\r\n", self._host_line,
+                         b"content-length: %d\r\n" % len(body),
+                         *[b"%b: %b\r\n" % pair for pair in headers], b"\r\n", body])
         while True:
             connection = await self._checkout()
             try:
-                data = connection.h11.send(request) or b""
-                if body:
-                    data += connection.h11.send(h11.Data(data=body)) or b""
-                data += connection.h11.send(h11.EndOfMessage()) or b""
                 with trio.fail_after(first_byte_timeout):  # a stopped child reads nothing
-                    await connection.stream.send_all(data)
-                event = await connection.next_event(first_byte_timeout)
-                while isinstance(event, h11.InformationalResponse):
-                    event = await connection.next_event(first_byte_timeout)
-            except (h11.RemoteProtocolError, trio.BrokenResourceError, OSError) as error:
+                    await send_all(connection.sock, data)
+                status, head, rest = await self._read_head(connection, first_byte_timeout)
+            except (_ClosedIdle, trio.BrokenResourceError, OSError) as error:
                 _close(connection)
                 if connection.reused:
                     continue  # closed by the server while idle: it never saw this request
@@ -201,11 +282,31 @@ class ChildPool:
             except BaseException:
                 _close(connection)
                 raise
-            if not isinstance(event, h11.Response):
-                _close(connection)
-                raise UpstreamError(f"unexpected {type(event).__name__} from the upstream")
             self.last_heard = trio.current_time()
-            return ChildResponse(self, connection, event, first_byte_timeout, idle_timeout)
+            return ChildResponse(self, connection, status, head, rest, first_byte_timeout,
+                                 idle_timeout)
+
+    @staticmethod
+    async def _read_head(connection: _Connection, within: float,
+                         ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The answer's status, headers and the bytes after them; 1xx answers skipped."""
+        data = b""
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_HEAD:
+                    raise UpstreamError(f"the answer's head is over {MAX_HEAD} bytes")
+                more = await connection.recv(within)
+                if not more:
+                    if data:
+                        raise UpstreamError("the connection closed inside the answer's head")
+                    raise _ClosedIdle("the connection closed before an answer")
+                data += more
+                continue
+            status, headers = _parse_head(data[:end])
+            data = data[end + 4:]
+            if status >= 200 or status == 101:
+                return status, headers, data
 
     def give_back(self, connection: _Connection) -> None:
         if self._closed or len(self._idle) >= self.max_idle:
@@ -241,7 +342,7 @@ class ChildPool:
 
 def _close(connection: _Connection) -> None:
     """Closing a socket needs no waiting: no shield, nothing to bound."""
-    connection.stream.socket.close()
+    connection.sock.close()
 
 
 class HttpxResponse:
@@ -251,7 +352,13 @@ class HttpxResponse:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status_code: int = response.status_code
-        self.raw_headers: list[tuple[bytes, bytes]] = list(response.headers.raw)
+        self.raw_headers: list[tuple[bytes, bytes]] = [
+            (name.lower(), value) for name, value in response.headers.raw]
+        self._chunks = self.aiter_raw()
+
+    async def next_data(self) -> bytes:
+        """The next decoded bytes of the body; b"" once it is complete."""
+        return await anext(self._chunks, b"")
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         try:

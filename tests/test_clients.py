@@ -200,7 +200,7 @@ def doc_path(rule: str) -> str:
 async def test_every_route_and_status_field_is_documented(tmp_path: Path) -> None:
     async with doc_swapd(tmp_path) as running, httpx.AsyncClient(
             base_url=running.url) as client:
-        rules = [rule for rule in create_app(running.frontend).quart.url_map.iter_rules()
+        rules = [rule for rule in create_app(running.frontend).url_map.iter_rules()
                  if rule.endpoint != "static"]
         status = (await client.get("/swapd/status")).json()
         metrics = (await client.get("/metrics")).text
@@ -232,7 +232,7 @@ def error_codes() -> dict[str, int | None]:
     for cls in _subclasses(errors.LeaseError):
         codes[cls.code] = cls.status
     code_at = {"fail": 3, "_openai_error": 3, "send_error": 4, "RequestError": 2}
-    for module in ("proxy.py", "app.py"):
+    for module in ("fastpath.py", "proxy.py", "app.py"):
         tree = ast.parse((ROOT / "swapd" / module).read_text())
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call) or _name(node.func) not in code_at:

@@ -127,7 +127,7 @@ METHODS = st.sampled_from(["GET", "POST", "POST", "PUT", "DELETE", "PATCH", "OPT
 
 def known_paths(app: Any) -> list[str]:
     paths = set()
-    for rule in app.quart.url_map.iter_rules():
+    for rule in app.url_map.iter_rules():
         paths.add(rule.rule.replace("<path:anything>", "chat/completions")
                   .replace("<path:model_id>", "a").replace("<name>", "app.js"))
     return sorted(paths)

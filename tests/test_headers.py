@@ -1,23 +1,25 @@
 """What crosses the proxy: credentials never, hop-by-hop headers in neither direction.
 
-The child is a tiny HTTP/1.1 server on loopback that records what swapd sends it; the
-app runs in-process behind ``httpx.ASGITransport``.
+The child is a tiny HTTP/1.1 server on loopback that records what swapd sends it; swapd's
+connection handler runs in-process on a socket pair.
 """
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import h11
-import httpx
 import trio
 
-from swapd.app import create_app, frontend_for
+from swapd.app import frontend_for
 from swapd.config import Config, Profile
+from swapd.serve import fast_path
 from swapd.supervisor import Supervisor
 from swapd.upstream import ChildPool
+from tests.support.rawhttp import request_bytes, wire_exchange
 from tests.test_supervisor import FakeLauncher, FakeProc, make_config
 
 
@@ -56,18 +58,18 @@ async def test_credentials_and_hop_by_hop_headers_do_not_cross(tmp_path: Path) -
         config = make_config(tmp_path)
         supervisor = Supervisor(config, launcher=LoopbackLauncher())  # type: ignore[arg-type]
         await nursery.start(supervisor.run)
-        app = create_app(frontend_for(config, supervisor))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://swapd") as client:
-            response = await client.post(
-                "/v1/chat/completions?debug=1", json={"model": "a", "messages": []},
-                headers={"authorization": "Bearer client-secret", "x-api-key": "other",
-                         "connection": "keep-alive, x-private", "te": "trailers",
-                         "proxy-authorization": "Basic xyz", "x-request-id": "r1",
-                         "x-private": "hop-by-hop, since Connection names it"})
+        server = fast_path(frontend_for(config, supervisor))
+        request = request_bytes(
+            "POST", "/v1/chat/completions?debug=1", [
+                ("authorization", "Bearer client-secret"), ("x-api-key", "other"),
+                ("connection", "keep-alive, x-private"), ("te", "trailers"),
+                ("proxy-authorization", "Basic xyz"), ("x-request-id", "r1"),
+                ("x-private", "hop-by-hop, since Connection names it")],
+            json.dumps({"model": "a", "messages": []}).encode())
+        response = await wire_exchange(server, request.replace(b"connection: close\r\n", b""))
         await supervisor.shutdown()
         nursery.cancel_scope.cancel()
-    assert response.status_code == 200
+    assert response.status == 200
     (forwarded,) = seen
     assert forwarded.target == b"/v1/chat/completions?debug=1"
     headers = dict(forwarded.headers)

@@ -20,11 +20,12 @@ from swapd.app import create_app, frontend_for
 from swapd.auth import load_keys
 from swapd.config import Config, Profile, Security, parse_config
 from swapd.errors import ConfigError
-from swapd.proxy import KNOWN_ROUTES, NATIVE_POSTS
-from swapd.serve import open_server
+from swapd.fastpath import NATIVE_POSTS
+from swapd.proxy import KNOWN_ROUTES
+from swapd.serve import fast_path, open_server
 from swapd.supervisor import Supervisor
 from swapd.upstream import ChildPool
-from tests.support.rawhttp import asgi_call, asgi_exchange, exchange, request_bytes
+from tests.support.rawhttp import exchange, request_bytes, wire_exchange
 from tests.test_api import chat, config_text, swapd
 from tests.test_supervisor import FakeLauncher, FakeProc, make_config
 
@@ -98,7 +99,7 @@ def needs(path: str) -> str:
 def routes(app: Any) -> list[tuple[str, str]]:
     """(method, path) for every route of the app's URL map, plus the inference routes."""
     found = set()
-    for rule in app.quart.url_map.iter_rules():
+    for rule in app.url_map.iter_rules():
         path = re.sub(r"<(?:(\w+):)?\w+>",
                       lambda m: CONVERTER_SAMPLES.get(m.group(1) or "", "a"), rule.rule)
         for method in (rule.methods or set()) - {"HEAD"}:  # HEAD takes GET's route
@@ -128,9 +129,9 @@ def spellings(path: str) -> set[str]:
 async def test_no_spelling_of_a_protected_route_opens_it_without_its_key(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every route of the URL map (and every inference route) in many spellings, with no
-    key and with the wrong one, under each key setup. The walk runs in-process; a sample
-    goes through the real server too and must get the same answers, so the walk's scopes
-    are the ones hypercorn builds."""
+    key and with the wrong one, under each key setup. The walk runs in-process (the
+    server's connection handler on a socket pair); a sample goes through the real
+    listening socket too and must get the same answers."""
     monkeypatch.setenv("SWAPD_TEST_API_KEY", API_KEY)
     monkeypatch.setenv("SWAPD_TEST_ADMIN_KEY", ADMIN_KEY)
     leaks: list[str] = []
@@ -145,13 +146,14 @@ async def test_no_spelling_of_a_protected_route_opens_it_without_its_key(
         async with open_server(config, config_path=config_file) as running:
             port = int(running.url.rsplit(":", 1)[1])
             app = create_app(running.frontend)
+            server = running.fastpath
             for method, path in routes(app):
                 key = right[needs(path)]
                 if key is None:
                     continue  # open in this setup
                 body = b"{}" if method == "POST" else b""
                 # The right key opens the plain spelling: the walk below tests something.
-                opened = await asgi_exchange(app, request_bytes(
+                opened = await wire_exchange(server, request_bytes(
                     method, path, [("x-api-key", key)], body))
                 assert opened.status != 401 and opened.error_code() != "invalid_path", (
                     setup, method, path, opened)
@@ -164,7 +166,7 @@ async def test_no_spelling_of_a_protected_route_opens_it_without_its_key(
                 for target, credential in sorted(tries, key=str):
                     headers = [("authorization", f"Bearer {credential}")] if credential else []
                     request = request_bytes(method, target, headers, body)
-                    answer = await asgi_exchange(app, request)
+                    answer = await wire_exchange(server, request)
                     checked += 1
                     if answer.status not in REFUSALS or REFUSALS[answer.status] not in (
                             None, answer.error_code()):
@@ -281,25 +283,29 @@ async def test_the_forwarded_request_line_is_re_encoded(tmp_path: Path) -> None:
         config = make_config(tmp_path)
         supervisor = Supervisor(config, launcher=LoopbackLauncher(load_time=0))  # type: ignore[arg-type]
         await nursery.start(supervisor.run)
-        app = create_app(frontend_for(config, supervisor))
-        # (decoded path, raw query) as an ASGI server may hand them over -> request target
+        server = fast_path(frontend_for(config, supervisor))
+        # request target as a client may send it -> request target llama-server gets
         cases = {
-            ("/v1/a?b", b""): b"/v1/a%3Fb",
-            ("/v1/a#b", b""): b"/v1/a%23b",
-            ("/v1/100%", b""): b"/v1/100%25",
-            ("/v1/caf\u00e9", b""): b"/v1/caf%C3%A9",
-            ("/v1/x", b"a=1&b=%20c"): b"/v1/x?a=1&b=%20c",
-            ("/v1/x", b"a=\xff b\r\nX-Injected: 1"): b"/v1/x?a=%FF%20b%0D%0AX-Injected:%201",
+            b"/v1/a%3Fb": b"/v1/a%3Fb",
+            b"/v1/a%23b": b"/v1/a%23b",
+            b"/v1/100%25": b"/v1/100%25",
+            b"/v1/caf%C3%A9": b"/v1/caf%C3%A9",
+            b"/v1/caf%c3%a9": b"/v1/caf%C3%A9",
+            b"/v1/%78": b"/v1/x",
+            b"/v1/x?a=1&b=%20c": b"/v1/x?a=1&b=%20c",
+            b"/v1/x?a=%FF%0D%0AX-Injected:%201": b"/v1/x?a=%FF%0D%0AX-Injected:%201",
         }
-        for (path, query), target in cases.items():
-            answer = await asgi_call(app, "POST", path, query, b'{"model": "a"}')
-            assert answer.status == 200, (path, query, answer)
-            assert seen[-1].target == target, (path, query, seen[-1].target)
+        for raw, target in cases.items():
+            answer = await wire_exchange(server, request_bytes("POST", raw,
+                                                               body=b'{"model": "a"}'))
+            assert answer.status == 200, (raw, answer)
+            assert seen[-1].target == target, (raw, seen[-1].target)
             assert b"x-injected" not in dict(seen[-1].headers)
         # a control character or space in the path never gets that far
-        for path in ("/v1/x y", "/v1/a\x00b", "/v1/a\r\nX-Injected: 1"):
-            answer = await asgi_call(app, "POST", path, b"", b'{"model": "a"}')
-            assert (answer.status, answer.error_code()) == (400, "invalid_path"), path
+        for raw in (b"/v1/x%20y", b"/v1/a%00b", b"/v1/a%0D%0AX-Injected:%201"):
+            answer = await wire_exchange(server, request_bytes("POST", raw,
+                                                               body=b'{"model": "a"}'))
+            assert (answer.status, answer.error_code()) == (400, "invalid_path"), raw
         assert len(seen) == len(cases)
         await supervisor.shutdown()
         nursery.cancel_scope.cancel()
@@ -347,7 +353,7 @@ async def test_unknown_paths_are_json_404_and_wrong_methods_405_with_allow(
     async with swapd(tmp_path) as (running, client):
         app = create_app(running.frontend)
         for path in ("/nope", "/v1beta/models", "/swapd/nope", "/api/nope", "/ui/nope.js"):
-            answer = await asgi_exchange(app, request_bytes("GET", path))
+            answer = await wire_exchange(running.fastpath, request_bytes("GET", path))
             assert (answer.status, answer.error_code()) == (404, "not_found"), path
             assert answer.headers["content-type"] == "application/json", path
         # every route of the URL map, with a method it does not take
@@ -357,7 +363,7 @@ async def test_unknown_paths_are_json_404_and_wrong_methods_405_with_allow(
                 if (wrong, path) in taken or (wrong == "POST" and (
                         path.startswith("/v1/") or path in NATIVE_POSTS)):
                     continue  # a route, or the inference proxy's
-                answer = await asgi_exchange(app, request_bytes(
+                answer = await wire_exchange(running.fastpath, request_bytes(
                     wrong, path, body=b"{}" if wrong in ("POST", "PUT", "PATCH") else b""))
                 assert (answer.status, answer.error_code()) == (
                     405, "method_not_allowed"), (wrong, path, answer)

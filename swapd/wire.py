@@ -1,0 +1,151 @@
+"""HTTP/1.1 framing that the data plane handles as bytes, in both directions.
+
+The fast path relays llama-server's answers without decoding and re-encoding them: a
+chunked body goes to the client exactly as the child framed it, and only its chunk sizes
+are read, to find where it ends (``ChunkScanner``). The same scanner decodes a chunked
+body where the bytes themselves are needed (an in-band error, an HTTP/1.0 client).
+Heads swapd writes itself are built here too, as one ``bytes`` each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from http import HTTPStatus
+
+import trio
+
+MAX_CHUNK_LINE = 4096
+"""Longest chunk-size line (size and extensions) or trailer line accepted from a peer."""
+
+MAX_TRAILERS = 16 * 1024
+"""Most bytes of trailer fields accepted after the last chunk."""
+
+
+class FramingError(Exception):
+    """A peer's chunked body is malformed."""
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkScanner:
+    """Follows a chunked body across reads: where it ends and, if asked, what it says.
+
+    ``scan`` returns how many bytes of ``data`` belong to the body (all of them until
+    the end arrives); with ``decode=True`` it also collects the payload, less the framing,
+    in ``payload``. A read never needs the bytes of an earlier one again: a chunk-size
+    line split across two reads is the only thing kept between calls.
+    """
+
+    __slots__ = ("_left", "_line", "_state", "_trailers", "payload")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._left = 0  # bytes of chunk data (or of the CRLF after it) still to come
+        self._line = b""  # a line split between reads
+        self._trailers = 0
+        self.payload: list[bytes] = []
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    @property
+    def at_boundary(self) -> bool:
+        """Between chunks: what was scanned so far is whole chunks."""
+        return self._state in (_SIZE, _DONE) and not self._line
+
+    def scan(self, data: bytes, decode: bool = False) -> int:
+        """The number of bytes of ``data`` that are this body's (``len(data)`` unless the
+        body ends inside it). Raises ``FramingError`` on malformed framing."""
+        pos, end = 0, len(data)
+        while pos < end:
+            state = self._state
+            if state == _DATA:
+                take = min(self._left, end - pos)
+                if decode:
+                    self.payload.append(data[pos:pos + take])
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state, self._left = _DATA_END, 2
+            elif state == _DATA_END:  # the CRLF after a chunk's data
+                take = min(self._left, end - pos)
+                if data[pos:pos + take] != b"\r\n"[2 - self._left:2 - self._left + take]:
+                    raise FramingError("a chunk's data is not followed by CRLF")
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state = _SIZE
+            elif state == _DONE:
+                return pos
+            else:  # a line: a chunk size, or a trailer field
+                newline = data.find(b"\n", pos)
+                if newline < 0:
+                    self._line += data[pos:]
+                    if len(self._line) > MAX_CHUNK_LINE:
+                        raise FramingError("a chunk-size line is too long")
+                    return end
+                line = self._line + data[pos:newline + 1]
+                self._line = b""
+                pos = newline + 1
+                if not line.endswith(b"\r\n") or len(line) > MAX_CHUNK_LINE:
+                    raise FramingError(f"malformed chunk line {line[:40]!r}")
+                if state == _SIZE:
+                    self._chunk_size(line)
+                elif line == b"\r\n":
+                    self._state = _DONE
+                else:
+                    self._trailers += len(line)
+                    if self._trailers > MAX_TRAILERS:
+                        raise FramingError("the trailer fields are too large")
+        return pos
+
+    def _chunk_size(self, line: bytes) -> None:
+        size = line[:-2].split(b";", 1)[0].strip(b" \t")
+        if not size or size.strip(b"0123456789abcdefABCDEF"):
+            raise FramingError(f"malformed chunk size {size[:40]!r}")
+        self._left = int(size, 16)
+        self._state = _DATA if self._left else _TRAILER
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body (nothing for empty data: that would end it)."""
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+_STATUS_LINES = {status.value: b"HTTP/1.1 %d %b\r\n" % (status.value, status.phrase.encode())
+                 for status in HTTPStatus}
+
+
+def response_head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """A response head: status line, ``headers`` as given, the blank line."""
+    line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
+    return line + b"".join(b"%b: %b\r\n" % pair for pair in headers) + b"\r\n"
+
+
+FINISH_SEND_TIMEOUT = 30.0
+"""A write that has begun is finished, shielded from cancellation, within this long."""
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write all of ``data`` to a trio socket: one ``send`` in the usual case.
+
+    A cancel may stop the write only before its first byte: a message cut halfway would
+    leave the connection's framing broken (a progress line cut by the lease arriving).
+    The rest of a begun write goes out shielded, within ``FINISH_SEND_TIMEOUT``;
+    past that the socket is closed (``trio.BrokenResourceError``).
+    """
+    sent = await sock.send(data)
+    if sent < len(data):
+        view = memoryview(data)[sent:]
+        with trio.CancelScope(shield=True) as scope:
+            scope.relative_deadline = FINISH_SEND_TIMEOUT
+            while view:
+                view = view[await sock.send(view):]
+        if view:
+            sock.close()
+            raise trio.BrokenResourceError("a send did not finish in time")
