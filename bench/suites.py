@@ -77,16 +77,19 @@ class Report:
     def row(self, section: str, metric: str, unit: str, direct: float | None,
             swapd: float | None, *, diff: float | None = None, ratio: bool = False,
             target: str = "", met: bool | None = None,
-            window: tuple[float, float] | None = None) -> None:
+            window: tuple[float, float] | None = None, floor: float | None = None,
+            peer: float | None = None, times: bool = False) -> None:
         """One line of the table; ``window`` (clock() start, end) adds the CPU that other
-        processes on the machine used meanwhile, in cores."""
+        processes on the machine used meanwhile, in cores. ``floor`` and ``peer`` fill the
+        floor-relay and llama-swap columns (section 9); ``times``: ``diff`` is a multiple
+        (swapd's figure over the floor relay's), printed as ``2.50x``."""
         if diff is None and direct is not None and swapd is not None and not ratio:
             diff = swapd - direct
         if ratio and direct and swapd is not None:
             diff = swapd / direct
         self.rows.append({"section": section, "metric": metric, "unit": unit,
                           "direct": direct, "swapd": swapd, "diff": diff, "ratio": ratio,
-                          "target": target,
+                          "floor": floor, "peer": peer, "times": times, "target": target,
                           "status": "" if met is None else ("met" if met else "MISSED"),
                           "others": None if window is None else self.other.between(*window)})
 
