@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
 import socket
 import subprocess
@@ -32,15 +33,16 @@ DEADLINE_S = 10.0
 def _port_from(proc: subprocess.Popen[bytes], marker: bytes) -> int:
     """Read ``proc``'s stderr until the line with ``marker``; the port ends that line."""
     assert proc.stderr is not None
+    fd = proc.stderr.fileno()  # raw reads: a buffered readline would hide lines from select
     deadline = time.monotonic() + DEADLINE_S
     seen = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.1)
+        ready, _, _ = select.select([fd], [], [], 0.1)
         if ready:
-            line = proc.stderr.readline()
-            seen += line
-            if marker in line:
-                return int(line.strip().rsplit(b":", 1)[1])
+            seen += os.read(fd, 4096)
+            for line in seen.split(b"\n")[:-1]:  # complete lines only
+                if marker in line:
+                    return int(line.strip().rsplit(b":", 1)[1])
     raise AssertionError(f"no {marker!r} line within {DEADLINE_S:g}s: {seen!r}")
 
 
