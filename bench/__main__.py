@@ -21,11 +21,12 @@ from typing import Any
 from .plan import FULL, QUICK, RESULTS, real_models
 from .procs import MARKER, ROOT, OtherLoad, load_average, machine_info
 from .profiling import Profiler
+from .streams import streams
 from .suites import Report, config_load, run_fake, run_real
 from .table import render
 from .warm import warm_return
 
-SECTIONS = ("latency", "swap", "progress", "collation", "scale", "config", "warm")
+SECTIONS = ("latency", "swap", "progress", "collation", "scale", "config", "warm", "streams")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,13 +92,16 @@ async def _main(args: argparse.Namespace) -> int:
             report = Report(plan, Path(tmp), say, profiler, other)
             report.results["machine"] = machine_info(binary)
             report.results["plan"] = plan.__dict__
-            await run_fake(report, sections)
+            if sections & {"latency", "swap", "progress", "collation", "scale"}:
+                await run_fake(report, sections)
             if binary is not None and sections & {"latency", "swap", "progress"}:
                 await run_real(report, sections, binary)
             if binary is not None and "warm" in sections:
                 await warm_return(report, binary, real_models())
             if "config" in sections:
                 config_load(report)
+            if "streams" in sections:
+                await streams(report)
             if profiler is not None:
                 report.results["profile"] = profiler.summaries()
     finally:

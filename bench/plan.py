@@ -43,19 +43,30 @@ class Plan:
     config_repeats: int
     wrk_seconds: int
     wrk_connections: tuple[int, ...]
+    paced_streams: tuple[int, ...]  # section 9: concurrent paced streams ...
+    paced_interval_ms: float  # ... one token each per this many ms ...
+    paced_tokens: int  # ... this many tokens each
+    burst_tokens: int  # one stream written as fast as the socket takes it
+    many_streams: int  # this many streams at once ...
+    many_interval_ms: float  # ... one token per this many ms ...
+    many_tokens: int  # ... this many tokens each
 
 
 FULL = Plan(name="full", repeats=3, seq_requests=300, warmup=30, clients=50, per_client=20,
             stream_tokens=20000, streams=50, stream_tokens_each=1000,
             real_stream_tokens=400, swaps=10, big_swaps=10, progress_swaps=6, burst=12,
             collation_repeats=3, held_clients=200, hold_seconds=15.0,
-            profiles_for_config=1000, config_repeats=3, wrk_seconds=4, wrk_connections=(1, 50))
+            profiles_for_config=1000, config_repeats=3, wrk_seconds=4, wrk_connections=(1, 50),
+            paced_streams=(16, 64), paced_interval_ms=10, paced_tokens=600, burst_tokens=100000,
+            many_streams=200, many_interval_ms=100, many_tokens=50)
 
 QUICK = Plan(name="quick", repeats=1, seq_requests=100, warmup=10, clients=50, per_client=4,
              stream_tokens=5000, streams=50, stream_tokens_each=200,
              real_stream_tokens=100, swaps=4, big_swaps=2, progress_swaps=2, burst=12,
              collation_repeats=1, held_clients=200, hold_seconds=2.0,
-             profiles_for_config=1000, config_repeats=1, wrk_seconds=1, wrk_connections=())
+             profiles_for_config=1000, config_repeats=1, wrk_seconds=1, wrk_connections=(),
+             paced_streams=(16, 64), paced_interval_ms=10, paced_tokens=150, burst_tokens=30000,
+             many_streams=200, many_interval_ms=100, many_tokens=20)
 
 FAKE_SWAP_LOAD_MS = 200
 COLLATION_LOAD_MS = 300

@@ -59,6 +59,12 @@ from .stats import spread, summarize
 
 Side = str  # "direct" or "swapd"
 MS = 1000.0
+# Issue 15's targets for small requests: added p50 on one connection, and throughput
+# with many connections (the 50-connection p50 is queueing, see the README).
+ADDED_P50_MS = 0.7
+ADDED_P50_TARGET = f"added p50 <= {ADDED_P50_MS:g} ms"
+RATE_SHARE = 0.5
+RATE_TARGET = f">= {RATE_SHARE:.0%} of direct"
 
 
 class Report:
@@ -77,16 +83,19 @@ class Report:
     def row(self, section: str, metric: str, unit: str, direct: float | None,
             swapd: float | None, *, diff: float | None = None, ratio: bool = False,
             target: str = "", met: bool | None = None,
-            window: tuple[float, float] | None = None) -> None:
+            window: tuple[float, float] | None = None, floor: float | None = None,
+            peer: float | None = None, times: bool = False) -> None:
         """One line of the table; ``window`` (clock() start, end) adds the CPU that other
-        processes on the machine used meanwhile, in cores."""
+        processes on the machine used meanwhile, in cores. ``floor`` and ``peer`` fill the
+        floor-relay and llama-swap columns (section 9); ``times``: ``diff`` is a multiple
+        (swapd's figure over the floor relay's), printed as ``2.50x``."""
         if diff is None and direct is not None and swapd is not None and not ratio:
             diff = swapd - direct
         if ratio and direct and swapd is not None:
             diff = swapd / direct
         self.rows.append({"section": section, "metric": metric, "unit": unit,
                           "direct": direct, "swapd": swapd, "diff": diff, "ratio": ratio,
-                          "target": target,
+                          "floor": floor, "peer": peer, "times": times, "target": target,
                           "status": "" if met is None else ("met" if met else "MISSED"),
                           "others": None if window is None else self.other.between(*window)})
 
@@ -165,11 +174,15 @@ def _cpu_per(runs: Sequence[workloads.Run], n: int) -> float | None:
 def _latency_rows(report: Report, section: str, label: str, summary: dict[str, Any]) -> None:
     direct, swapd, window = summary["direct"], summary["swapd"], summary["window"]
     added = swapd["p50"] - direct["p50"]
+    one = label == "sequential"  # issue 15: added p50 alone, req/s at 50 connections
     report.row(section, f"{label} p50", "ms", direct["p50"], swapd["p50"],
-               target="added p50 <= 1.5 ms", met=added <= 1.5, window=window)
+               target=ADDED_P50_TARGET if one else "",
+               met=added <= ADDED_P50_MS if one else None, window=window)
     report.row(section, f"{label} p99", "ms", direct["p99"], swapd["p99"])
-    report.row(section, f"{label} req/s", "1/s", direct["requests_per_s"]["p50"],
-               swapd["requests_per_s"]["p50"], ratio=True)
+    d_rate, s_rate = direct["requests_per_s"]["p50"], swapd["requests_per_s"]["p50"]
+    report.row(section, f"{label} req/s", "1/s", d_rate, s_rate, ratio=True,
+               target="" if one else RATE_TARGET,
+               met=None if one else s_rate >= RATE_SHARE * d_rate)
     report.row(section, f"{label}: swapd CPU per request", "us", None,
                swapd["swapd_cpu_us_per_request"])
 
@@ -253,8 +266,8 @@ def _stream_rows(report: Report, section: str, label: str, summary: dict[str, An
     direct, swapd = summary["direct"], summary["swapd"]
     d, s = direct["events_per_s"]["p50"], swapd["events_per_s"]["p50"]
     report.row(section, f"{label} chunks/s", "1/s", d, s, ratio=True,
-               target=">= 60% of direct" if target else "",
-               met=(s >= 0.6 * d) if target else None, window=summary["window"])
+               target=">= 90% of direct" if target else "",
+               met=(s >= 0.9 * d) if target else None, window=summary["window"])
     report.row(section, f"{label} first chunk p50", "ms", direct["ttfb_ms"]["p50"],
                swapd["ttfb_ms"]["p50"])
     report.row(section, f"{label}: swapd CPU per chunk", "us", None,
@@ -307,12 +320,16 @@ async def _wrk_both(report: Report, section: str, ports: dict[Side, int], body: 
         out[f"c{connections}"] = both
         d, s = both["direct"], both["swapd"]
         if "p50" in d and "p50" in s:
+            one = connections == 1
             report.row(section, f"wrk -c{connections} p50", "ms", d["p50"], s["p50"],
-                       target="added p50 <= 1.5 ms", met=s["p50"] - d["p50"] <= 1.5,
+                       target=ADDED_P50_TARGET if one else "",
+                       met=s["p50"] - d["p50"] <= ADDED_P50_MS if one else None,
                        window=window)
             report.row(section, f"wrk -c{connections} p99", "ms", d.get("p99"), s.get("p99"))
             report.row(section, f"wrk -c{connections} req/s", "1/s", d["requests_per_s"],
-                       s["requests_per_s"], ratio=True)
+                       s["requests_per_s"], ratio=True, target="" if one else RATE_TARGET,
+                       met=None if one else
+                       s["requests_per_s"] >= RATE_SHARE * d["requests_per_s"])
     return out
 
 
