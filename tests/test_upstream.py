@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -27,6 +28,10 @@ class Server:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        with contextlib.suppress(trio.BrokenResourceError):  # a client that left
+            await self._serve(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
         served = 0
         while True:
@@ -45,10 +50,7 @@ class Server:
                 for i in range(self.chunks):
                     out += conn.send(h11.Data(data=f"chunk{i};".encode() + b" " * self.pad)) or b""
                 out += conn.send(h11.EndOfMessage()) or b""
-                try:
-                    await stream.send_all(out)
-                except trio.BrokenResourceError:
-                    return  # the client left mid-answer
+                await stream.send_all(out)
                 if self.close_after is not None and served >= self.close_after:
                     await stream.aclose()
                     return
@@ -172,6 +174,10 @@ class SilentServer(Server):
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        with contextlib.suppress(trio.BrokenResourceError):  # a client that left
+            await self._serve(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
         while not isinstance(event := conn.next_event(), h11.EndOfMessage):
             if event is h11.NEED_DATA:
