@@ -76,6 +76,24 @@ and it is answered in HTTP/1.1 whatever upgrade the client offered."""
 
 _JSON = (b"content-type", b"application/json")
 _CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:")
+_LISTED_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[^\n]*,")
+_TRANSFER_ENCODING = re.compile(rb"(?im)^transfer-encoding[ \t]*:")
+_FOLDED = re.compile(rb"\n[ \t]")
+
+
+def _framing_problem(head: bytes, names: list[bytes]) -> str | None:
+    """Why a head's framing is ambiguous, or None. h11 merges equal Content-Lengths,
+    joins folded lines, and lets Transfer-Encoding win over Content-Length: a proxy in
+    front of swapd may read any of those another way."""
+    if _FOLDED.search(head.split(b"\n", 1)[-1]):
+        return "a header line is folded (obs-fold); send each header on one line"
+    if b"transfer-encoding" in names and b"content-length" in names:
+        return "a request may not have both Content-Length and Transfer-Encoding"
+    if len(_CONTENT_LENGTH.findall(head)) > 1 or _LISTED_LENGTH.search(head):
+        return "more than one Content-Length header"
+    if len(_TRANSFER_ENCODING.findall(head)) > 1:
+        return "more than one Transfer-Encoding header"
+    return None
 
 
 def is_inference(method: str, path: str) -> bool:
@@ -217,16 +235,18 @@ class ClientConnection:
         sent no complete head within ``within`` seconds. Raises ``RequestError`` for a
         malformed head (after which the connection must close)."""
         parser = self._parser
-        self._head = b""
+        self._head = parser.trailing_data[0]  # a pipelined request's first bytes
         with trio.move_on_after(within):
             while True:
                 try:
                     event = parser.next_event()
                 except h11.RemoteProtocolError as error:
-                    status = error.error_status_hint
-                    raise RequestError(status, f"malformed request: {error}",
-                                       "head_too_large" if status == 431 else "bad_request",
-                                       ) from None
+                    if error.error_status_hint == 431:
+                        raise RequestError(431, f"request head too large: {error}",
+                                           "head_too_large") from None
+                    # h11 says 501 for a transfer coding it lacks: still the client's error
+                    raise RequestError(400, f"malformed request: {error}",
+                                       "bad_request") from None
                 if event is h11.NEED_DATA:
                     try:
                         data = await self.sock.recv(RECEIVE_SIZE)
@@ -234,7 +254,7 @@ class ClientConnection:
                         return None
                     if not data and not parser.trailing_data[0]:
                         return None  # closed between requests: the usual end
-                    self._head += data[:MAX_HEAD_BYTES + 1 - len(self._head)]
+                    self._head += data  # bounded: h11 refuses an incomplete head past it
                     parser.receive_data(data)
                 elif isinstance(event, h11.Request):
                     return self._request(event)
@@ -243,15 +263,22 @@ class ClientConnection:
         return None  # no complete head in time: idle, or a client too slow to matter
 
     def _request(self, event: h11.Request) -> Request:
+        """Check what h11 lets through; a ``RequestError`` (the connection must close)
+        for anything another server could read another way (request smuggling)."""
         headers = list(event.headers)
         if len(headers) > MAX_HEADERS:
             raise RequestError(431, f"more than {MAX_HEADERS} header fields", "head_too_large")
+        if event.http_version not in (b"1.1", b"1.0"):
+            raise RequestError(400, f"HTTP/{event.http_version.decode()} is not served here; "
+                               "send HTTP/1.1", "bad_request")
+        raw = self._head[:len(self._head) - len(self._parser.trailing_data[0])]
+        if len(raw) > MAX_HEAD_BYTES:  # h11 limits only a head still incomplete
+            raise RequestError(431, f"request head over {MAX_HEAD_BYTES} bytes",
+                               "head_too_large")
+        problem = _framing_problem(raw, [name for name, _ in headers])
+        if problem is not None:
+            raise RequestError(400, problem, "bad_request")
         names = [name for name, _ in headers]
-        if b"transfer-encoding" in names and b"content-length" in names:
-            raise RequestError(400, "a request may not have both Content-Length and "
-                               "Transfer-Encoding", "bad_request")
-        if len(_CONTENT_LENGTH.findall(self._head.partition(b"\r\n\r\n")[0])) > 1:
-            raise RequestError(400, "more than one Content-Length header", "bad_request")
         self.declared_length = next(
             (int(value) for name, value in headers if name == b"content-length"), None)
         self.body_done = self.declared_length == 0 or (
