@@ -135,6 +135,9 @@ class BodySource(Protocol):
 
     declared_length: int | None
 
+    @property
+    def body_arrived(self) -> bool: ...
+
     async def continue_if_asked(self) -> None: ...
 
     async def next_body_part(self) -> bytes | None: ...
@@ -165,24 +168,31 @@ class BodyReader:
         if declared is not None and declared > limit:
             raise _too_large(limit)
         reserved = 0
-        try:
-            reserved = self._reserve(declared or 0, reserved, config)
+
+        async def collect() -> bytes | None:
+            nonlocal reserved
             chunks: list[bytes] = []
             size = 0
+            while True:
+                data = await conn.next_body_part()
+                if data is None:
+                    return None
+                if not data:
+                    return b"".join(chunks)
+                size += len(data)
+                if size > limit:
+                    raise _too_large(limit)
+                if size > reserved:
+                    reserved = self._reserve(size, reserved, config)
+                chunks.append(data)
+
+        try:
+            reserved = self._reserve(declared or 0, reserved, config)
+            if conn.body_arrived:  # with its head: no wait to bound
+                return await collect()
             with trio.fail_after(config.timeouts.body):
                 await conn.continue_if_asked()
-                while True:
-                    data = await conn.next_body_part()
-                    if data is None:
-                        return None
-                    if not data:
-                        return b"".join(chunks)
-                    size += len(data)
-                    if size > limit:
-                        raise _too_large(limit)
-                    if size > reserved:
-                        reserved = self._reserve(size, reserved, config)
-                    chunks.append(data)
+                return await collect()
         except trio.TooSlowError:
             raise RequestError(408, "the request body did not arrive within "
                                f"{config.timeouts.body:g}s (timeouts.body)",
@@ -221,46 +231,44 @@ class ClientConnection:
     complete; an answer that cannot be completed closes the connection.
     """
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         self.stream = stream
         self.sock = stream.socket
-        self.watch = _Watch(self.sock)
+        self.watch = _Watch(self.sock, nursery)
         self._parser = _parser()
         self._head = b""  # the raw bytes of the current head, while it is read
         self.declared_length: int | None = None
         self.body_done = True  # False while the current request's body is unread
 
-    async def next_request(self, within: float) -> Request | None:
-        """The next request's head, or None when the client closed the connection or
-        sent no complete head within ``within`` seconds. Raises ``RequestError`` for a
-        malformed head (after which the connection must close)."""
+    async def next_request(self) -> Request | None:
+        """The next request's head, or None when the client closed the connection.
+        Raises ``RequestError`` for a malformed head (the connection must close then).
+        The caller bounds the wait."""
         parser = self._parser
         self._head = parser.trailing_data[0]  # a pipelined request's first bytes
-        with trio.move_on_after(within):
-            while True:
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as error:
+                if error.error_status_hint == 431:
+                    raise RequestError(431, f"request head too large: {error}",
+                                       "head_too_large") from None
+                # h11 says 501 for a transfer coding it lacks: still the client's error
+                raise RequestError(400, f"malformed request: {error}",
+                                   "bad_request") from None
+            if event is h11.NEED_DATA:
                 try:
-                    event = parser.next_event()
-                except h11.RemoteProtocolError as error:
-                    if error.error_status_hint == 431:
-                        raise RequestError(431, f"request head too large: {error}",
-                                           "head_too_large") from None
-                    # h11 says 501 for a transfer coding it lacks: still the client's error
-                    raise RequestError(400, f"malformed request: {error}",
-                                       "bad_request") from None
-                if event is h11.NEED_DATA:
-                    try:
-                        data = await self.sock.recv(RECEIVE_SIZE)
-                    except OSError:
-                        return None
-                    if not data and not parser.trailing_data[0]:
-                        return None  # closed between requests: the usual end
-                    self._head += data  # bounded: h11 refuses an incomplete head past it
-                    parser.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    return self._request(event)
-                else:  # ConnectionClosed, or a close mid-head
+                    data = await self.sock.recv(RECEIVE_SIZE)
+                except OSError:
                     return None
-        return None  # no complete head in time: idle, or a client too slow to matter
+                if not data and not parser.trailing_data[0]:
+                    return None  # closed between requests: the usual end
+                self._head += data  # bounded: h11 refuses an incomplete head past it
+                parser.receive_data(data)
+            elif isinstance(event, h11.Request):
+                return self._request(event)
+            else:  # ConnectionClosed, or a close mid-head
+                return None
 
     def _request(self, event: h11.Request) -> Request:
         """Check what h11 lets through; a ``RequestError`` (the connection must close)
@@ -293,6 +301,12 @@ class ClientConnection:
                     for name, value in headers)
         return Request(event.method.decode("ascii"), path, query, headers, http11,
                        http11 and not close, event.target)
+
+    @property
+    def body_arrived(self) -> bool:
+        """The whole body of the current request has been received (read or not)."""
+        return self.body_done or (self.declared_length is not None and len(
+            self._parser.trailing_data[0]) >= self.declared_length)
 
     async def continue_if_asked(self) -> None:
         if self._parser.they_are_waiting_for_100_continue:
@@ -343,28 +357,38 @@ class ClientConnection:
 class _Watch:
     """Cancels the current exchange when its client goes away.
 
-    One task per connection, armed for each exchange: while swapd waits for a lease or
-    for the model's first byte it reads nothing from the client, so only this task sees
-    the connection end. Pipelined bytes make the socket readable too: then it cannot
-    tell, and stops watching until the next exchange.
+    While swapd waits for a lease, or for the model's answer, it reads nothing from the
+    client: only a task waiting for the socket to become readable sees the connection
+    end. One such task per connection, started on the connection's first wait, armed
+    only while an exchange waits (the waits of a quick answer pass unwatched: a client
+    that left is then found by the next send). Pipelined bytes make the socket readable
+    too: then it cannot tell, and stops watching until the next exchange.
     """
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         self._sock = sock
+        self._nursery: trio.Nursery | None = nursery  # until the task is started
         self._armed = trio.Event()
-        self._target: trio.CancelScope | None = None
+        self._target: Callable[[], None] | None = None
         self._scope: trio.CancelScope | None = None
         self.gone = False
 
-    def arm(self, target: trio.CancelScope) -> None:
+    def arm(self, target: Callable[[], None]) -> None:
+        """Call ``target`` if the client goes away before ``disarm``."""
+        if self._target is target:
+            return
         self._target = target
         self._armed.set()
+        if self._nursery is not None:
+            self._nursery.start_soon(self.run)
+            self._nursery = None
 
     def disarm(self) -> None:
         """Stop watching; synchronous, so the connection's task may read at once."""
+        if self._target is None:
+            return
         self._target = None
-        if self._armed.is_set():
-            self._armed = trio.Event()
+        self._armed = trio.Event()
         if self._scope is not None:
             self._scope.cancel()  # unregisters the socket from trio at once
 
@@ -384,7 +408,7 @@ class _Watch:
                 if gone:
                     self.gone = True
                     if self._target is not None:
-                        self._target.cancel()
+                        self._target()
                     # A write already begun finishes shielded (send_all): this ends it.
                     with contextlib.suppress(OSError):
                         self._sock.shutdown(socket.SHUT_RDWR)
@@ -411,9 +435,31 @@ class Exchange:
     complete: bool = False  # the answer is whole: the connection may serve another
     keep_alive: bool = True
     lease: Any = None  # while it holds one
+    _wait: trio.CancelScope | None = None  # the wait in progress, if it is watched
 
     def __attrs_post_init__(self) -> None:
         self.keep_alive = self.request.keep_alive
+
+    def watch(self) -> None:
+        """A wait begins: from now on, the client leaving ends the exchange.
+
+        Armed only then: a scope around every exchange would cost more than the rest of
+        a small request's own work here."""
+        self.conn.watch.arm(self._abandon)
+
+    def waiting(self) -> trio.CancelScope:
+        """A scope for a wait (a lease, a fallback) that the client leaving cancels."""
+        self.watch()
+        self._wait = trio.CancelScope()
+        return self._wait
+
+    def _abandon(self) -> None:
+        """The client left: stop what is done for it (its queue place, the child's
+        generation); its lease goes back as the exchange unwinds."""
+        if self._wait is not None:
+            self._wait.cancel()
+        if self.lease is not None:
+            self.lease.scope.cancel()
 
     async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]],
                     length: int | None = None, body: bytes = b"") -> None:
@@ -577,24 +623,20 @@ class FastPath:
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Serve one client connection until it closes (or goes to hypercorn)."""
-        conn = ClientConnection(stream)
         try:
             async with trio.open_nursery() as nursery:
+                conn = ClientConnection(stream, nursery)
                 with contextlib.suppress(ClientGone):
-                    await self._serve_requests(conn, nursery)
+                    await self._serve_requests(conn)
                 nursery.cancel_scope.cancel()
         finally:
-            conn.sock.close()
+            stream.socket.close()
 
-    async def _serve_requests(self, conn: ClientConnection, nursery: trio.Nursery) -> None:
-        watching = False
+    async def _serve_requests(self, conn: ClientConnection) -> None:
         while (request := await self._next_request(conn)) is not None:
             if not is_inference(request.method, request.path):
                 await self._hand_off(conn, request)
                 return
-            if not watching:
-                nursery.start_soon(conn.watch.run)
-                watching = True
             if not await self._serve_inference(conn, request):
                 return
             conn.next_cycle()
@@ -605,10 +647,13 @@ class FastPath:
         if self.draining:
             return None
         request = None
-        with trio.CancelScope() as idle:
+        # One scope: the deadline on the head (timeouts.headers), and the cancel that
+        # closes an idle connection when swapd drains.
+        with trio.CancelScope(deadline=trio.current_time() + self._config().timeouts.headers
+                              ) as idle:
             self._idle.add(idle)
             try:
-                request = await conn.next_request(self._config().timeouts.headers)
+                request = await conn.next_request()
             except RequestError as error:
                 await _refuse(conn, error)
                 return None
@@ -648,12 +693,10 @@ class FastPath:
         if body is None:
             return False  # the client left before it finished sending
         exchange = Exchange(conn, request, body)
-        with trio.CancelScope() as scope:
-            conn.watch.arm(scope)
-            try:
-                await self._inference(exchange)
-            finally:
-                conn.watch.disarm()
+        try:
+            await self._inference(exchange)
+        finally:
+            conn.watch.disarm()
         return exchange.complete and exchange.keep_alive and not conn.watch.gone
 
     async def _hand_off(self, conn: ClientConnection, request: Request) -> None:

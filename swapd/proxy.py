@@ -107,15 +107,19 @@ class InferenceProxy:
 
     async def _local(self, ex: Exchange, profile: str | None, model: str) -> None:
         """Serve from the local model, with progress if a streaming chat must wait."""
-        if (ex.stream and ex.request.path.endswith("/chat/completions")
-                and not self.supervisor.serving(profile)):
-            await ex.start(200, SSE_HEADERS)
-            lease = await self._acquire_with_progress(ex, profile, model)
-        else:
-            try:
-                lease = await self.supervisor.acquire(profile)
-            except LeaseError as error:
-                lease = error
+        lease: Lease | LeaseError | None = self.supervisor.lease_now(profile)
+        if lease is None:
+            with ex.waiting():  # the client leaving ends the wait, and its place in line
+                if ex.stream and ex.request.path.endswith("/chat/completions"):
+                    await ex.start(200, SSE_HEADERS)
+                    lease = await self._acquire_with_progress(ex, profile, model)
+                else:
+                    try:
+                        lease = await self.supervisor.acquire(profile)
+                    except LeaseError as error:
+                        lease = error
+            if lease is None:
+                return  # the client left
         self.metrics.queue_wait.labels(ex.label).observe(trio.current_time() - ex.started)
         if isinstance(lease, LeaseError):
             if isinstance(lease, LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
@@ -133,7 +137,7 @@ class InferenceProxy:
                     response = await lease.proc.pool.request(
                         ex.request.method, _target(ex.request.path, ex.request.query),
                         forwardable(ex.request.headers, _DROP_REQUEST), ex.body,
-                        first_byte_timeout=first_byte, idle_timeout=idle)
+                        first_byte_timeout=first_byte, idle_timeout=idle, on_wait=ex.watch)
                 except UpstreamError as error:
                     failure = f"model {lease.profile.name!r} did not answer: {error}"
                 else:
@@ -182,6 +186,11 @@ class InferenceProxy:
     async def _remote(self, ex: Exchange, fallbacks: Sequence[Fallback],
                       reason: str | None) -> None:
         """Serve from the first fallback that works; 503 naming each one tried if none."""
+        with ex.waiting():  # remote answers take their time: the client may leave
+            await self._try_fallbacks(ex, fallbacks, reason)
+
+    async def _try_fallbacks(self, ex: Exchange, fallbacks: Sequence[Fallback],
+                             reason: str | None) -> None:
         tried: list[str] = []
         for fallback in fallbacks:
             problem = await self.fallbacks.problem(fallback)

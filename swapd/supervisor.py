@@ -421,6 +421,8 @@ class Supervisor:
         self._sizing: set[str] = set()  # profiles being sized now
         self._cleared: dict[str, Profile] = {}  # passed it; the next start consumes it
         self._unloads: list[tuple[frozenset[str], trio.Event]] = []
+        self._timer: trio.CancelScope | None = None
+        """The loop's wait for its next message, until its next deadline (a TTL, ...)."""
         self._unloading: set[str] = set()  # children an unload stops
         self._oom_retry: set[str] = set()  # profiles whose next start is an OOM retry
         self._uses = 0  # Child.use_seq's counter
@@ -546,6 +548,25 @@ class Supervisor:
         finally:
             await self.release(lease)
 
+    def lease_now(self, name: str | None) -> Lease | None:
+        """A lease on ``name`` if the loop would grant one at once, else None (then
+        ``acquire``): the ready model's requests skip a round trip through the loop.
+
+        The same grant as the loop's, made in the caller's task: nothing here awaits, so
+        no other task sees the state half changed (trio runs one task at a time).
+        """
+        if self._shutting_down:
+            return None
+        if name is None:
+            child = self._current()
+        else:
+            profile = self.config.resolve(name)
+            child = self._children.get(profile.name) if isinstance(profile, Profile) else None
+        if child is None or not self._can_grant(child) or (
+                name is None and child.name not in self.config.profiles):
+            return None
+        return self._new_lease(child)
+
     async def acquire(self, name: str | None, *, queue_wait: float | None = None,
                       ready_only: bool = False) -> Lease:
         """Wait for a lease on ``name`` (a profile name or alias; None = the active one).
@@ -575,7 +596,25 @@ class Supervisor:
         return result
 
     async def release(self, lease: Lease) -> None:
-        await self._post_shielded(Release(lease))
+        if not self._release_now(lease):
+            await self._post_shielded(Release(lease))
+
+    def _release_now(self, lease: Lease) -> bool:
+        """Take a lease back in the caller's task if the loop has nothing to do about it
+        (a ready model nobody else waits for, nothing to stop or unload): True if done.
+
+        Like ``lease_now``, it changes state without awaiting. A last lease back starts
+        the model's idle clock: the loop's timer is moved to its TTL, not the loop woken.
+        """
+        child = self._children.get(lease.profile.name)
+        if (child is None or lease not in child.leases or not self._can_grant(child)
+                or self._shutting_down or self._unloads or self._unloading
+                or any(self._waiting.values())):
+            return False
+        self._return_lease(lease)
+        if not child.leases and self._timer is not None:
+            self._timer.deadline = min(self._timer.deadline, self._next_deadline())
+        return True
 
     async def unload(self, name: str | None = None) -> bool:
         """Stop a model (``name``) or every resident one but the pinned (None) once
@@ -775,7 +814,7 @@ class Supervisor:
         async with self._receive:
             self._schedule()  # pinned and preload models: wanted from the start
             while not (self._shutting_down and self._ready_to_exit()):
-                with trio.move_on_at(self._next_deadline()):
+                with trio.CancelScope(deadline=self._next_deadline()) as self._timer:
                     self._handle(await self._receive.receive())
                 self._on_timers()
                 self._schedule()
@@ -1538,16 +1577,20 @@ class Supervisor:
         child.last_used = trio.current_time()
 
     def _grant(self, child: Child, waiter: Waiter) -> None:
-        assert child.proc is not None
         if waiter.internal:  # a pinned/preload want: the model is loaded, nothing to hold
             waiter.answered = True
             return
+        lease = self._new_lease(child)
+        waiter.lease = lease
+        self._answer(waiter, lease)
+
+    def _new_lease(self, child: Child) -> Lease:
+        assert child.proc is not None
         lease = Lease(child.profile, child.proc)
         child.leases.add(lease)
         self._touch(child)
         self._recent = child.name
-        waiter.lease = lease
-        self._answer(waiter, lease)
+        return lease
 
     def _answer(self, waiter: Waiter, result: Lease | LeaseError) -> None:
         if waiter.answered:

@@ -22,13 +22,13 @@ last sent anything, so its liveness probe can skip a child that is visibly busy.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import httpx
 import trio
 
 from .config import host_port
-from .wire import ChunkScanner, FramingError, send_all
+from .wire import ChunkScanner, FramingError
 
 RECEIVE_SIZE = 65536
 
@@ -51,6 +51,27 @@ class _ClosedIdle(UpstreamError):
     """The connection ended before any byte of an answer: the server closed it idle."""
 
 
+WAIT_AFTER = 0.002
+"""A read that has had nothing for this long is a wait: the answer's ``on_wait`` is
+called (once), for a caller with something to do only when waits get long."""
+
+OnWait = Callable[[], None]
+
+
+class _Once:
+    """``on_wait``, called at most once: after that, reads need no extra deadline."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: OnWait | None) -> None:
+        self.call = call
+
+    def __call__(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            call()
+
+
 class _Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -58,11 +79,18 @@ class _Connection:
         self.idle_since = 0.0
         self.reused = False
 
-    async def recv(self, within: float) -> bytes:
-        """The next bytes (b"" at EOF); ``trio.TooSlowError`` if none for ``within`` s."""
+    async def recv(self, within: float, on_wait: _Once | None = None) -> bytes:
+        """The next bytes (b"" at EOF); ``trio.TooSlowError`` if none for ``within`` s.
+
+        ``on_wait`` is called if nothing came for ``WAIT_AFTER`` seconds."""
+        # Bare scopes: fail_after's context manager costs a third more per read.
+        if on_wait is not None and on_wait.call is not None and within > WAIT_AFTER:
+            with trio.CancelScope(deadline=trio.current_time() + WAIT_AFTER):
+                return await self.sock.recv(RECEIVE_SIZE)
+            on_wait()
+            within -= WAIT_AFTER
         if within == math.inf:
             return await self.sock.recv(RECEIVE_SIZE)
-        # A bare scope: fail_after's context manager costs a third more per read.
         with trio.CancelScope(deadline=trio.current_time() + within):
             return await self.sock.recv(RECEIVE_SIZE)
         raise trio.TooSlowError  # reached only when the deadline cancelled the read
@@ -81,8 +109,9 @@ class ChildResponse:
     def __init__(self, pool: ChildPool, connection: _Connection, status_code: int,
                  headers: list[tuple[bytes, bytes]], rest: bytes,
                  first_byte_timeout: float = math.inf,
-                 idle_timeout: float = math.inf) -> None:
+                 idle_timeout: float = math.inf, on_wait: _Once | None = None) -> None:
         self.status_code = status_code
+        self._on_wait = on_wait
         self.raw_headers = headers
         self.idle_timeout = idle_timeout
         self._pool = pool
@@ -135,7 +164,7 @@ class ChildResponse:
             connection = self._connection
             assert connection is not None, "the answer was already closed"
             try:
-                data = await connection.recv(self._timeout)
+                data = await connection.recv(self._timeout, self._on_wait)
             except trio.TooSlowError:
                 raise UpstreamTimeout(
                     f"it sent nothing for {self._timeout:g}s ({self._setting})") from None
@@ -248,13 +277,16 @@ class ChildPool:
     async def request(self, method: bytes | str, target: bytes | str,
                       headers: Iterable[tuple[bytes, bytes]], body: bytes, *,
                       first_byte_timeout: float = math.inf,
-                      idle_timeout: float = math.inf) -> ChildResponse:
+                      idle_timeout: float = math.inf,
+                      on_wait: OnWait | None = None) -> ChildResponse:
         """Send a request with a complete body; return once the answer's head is in.
 
         Each wait for the head, then for the first byte of the body, may last
         ``first_byte_timeout``; later waits ``idle_timeout``. A silence longer than
-        that raises ``UpstreamTimeout`` (an ``UpstreamError``). ``headers`` must be
-        valid header fields (the fast path's parser checked the client's).
+        that raises ``UpstreamTimeout`` (an ``UpstreamError``). ``on_wait`` is called,
+        once, the first time a read of the answer has to wait (``WAIT_AFTER``).
+        ``headers`` must be valid header fields (the fast path's parser checked the
+        client's).
         """
         if isinstance(method, str):
             method = method.encode("ascii")
@@ -263,12 +295,13 @@ class ChildPool:
         data = b"".join([method, b" ", target, b" HTTP/1.1\r\n", self._host_line,
                          b"content-length: %d\r\n" % len(body),
                          *[b"%b: %b\r\n" % pair for pair in headers], b"\r\n", body])
+        once = _Once(on_wait) if on_wait is not None else None
         while True:
             connection = await self._checkout()
             try:
-                with trio.fail_after(first_byte_timeout):  # a stopped child reads nothing
-                    await send_all(connection.sock, data)
-                status, head, rest = await self._read_head(connection, first_byte_timeout)
+                await _send(connection.sock, data, first_byte_timeout)
+                status, head, rest = await self._read_head(connection, first_byte_timeout,
+                                                           once)
             except (_ClosedIdle, trio.BrokenResourceError, OSError) as error:
                 _close(connection)
                 if connection.reused:
@@ -284,10 +317,10 @@ class ChildPool:
                 raise
             self.last_heard = trio.current_time()
             return ChildResponse(self, connection, status, head, rest, first_byte_timeout,
-                                 idle_timeout)
+                                 idle_timeout, once)
 
     @staticmethod
-    async def _read_head(connection: _Connection, within: float,
+    async def _read_head(connection: _Connection, within: float, on_wait: _Once | None,
                          ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """The answer's status, headers and the bytes after them; 1xx answers skipped."""
         data = b""
@@ -296,7 +329,7 @@ class ChildPool:
             if end < 0:
                 if len(data) > MAX_HEAD:
                     raise UpstreamError(f"the answer's head is over {MAX_HEAD} bytes")
-                more = await connection.recv(within)
+                more = await connection.recv(within, on_wait)
                 if not more:
                     if data:
                         raise UpstreamError("the connection closed inside the answer's head")
@@ -338,6 +371,20 @@ class ChildPool:
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: "
                                 f"{error or type(error).__name__}") from None
         return _Connection(stream)
+
+
+async def _send(sock: trio.socket.SocketType, data: bytes, within: float) -> None:
+    """Write a request; ``trio.TooSlowError`` if a child does not take it within
+    ``within`` seconds (a stopped one reads nothing). One ``send``, and no deadline to
+    set up, when the socket takes it all at once: the usual case."""
+    sent = await sock.send(data)
+    if sent < len(data):
+        view = memoryview(data)[sent:]
+        with trio.CancelScope(deadline=trio.current_time() + within):
+            while view:
+                view = view[await sock.send(view):]
+        if view:
+            raise trio.TooSlowError
 
 
 def _close(connection: _Connection) -> None:
