@@ -41,7 +41,7 @@ from . import progress
 from .auth import path_problem
 from .config import Config
 from .upstream import ChildResponse, HttpxResponse, UpstreamError
-from .wire import LAST_CHUNK, chunk, response_head, send_all
+from .wire import LAST_CHUNK, chunk, close_raw, raw_socket, response_head, send_all
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,7 @@ class ClientConnection:
     def __init__(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         self.stream = stream
         self.sock = stream.socket
+        self.raw = raw_socket(self.sock)  # for writes: see wire.raw_socket
         self.watch = _Watch(self.sock, nursery)
         self._parser = _parser()
         self._head = b""  # the raw bytes of the current head, while it is read
@@ -339,7 +340,7 @@ class ClientConnection:
 
     async def send(self, data: bytes) -> None:
         try:
-            await send_all(self.sock, data)
+            await send_all(self.raw, data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             raise ClientGone from None
 
@@ -535,12 +536,13 @@ class Exchange:
 
     async def _pipe(self, response: ChildResponse) -> None:
         """The child's body, as it comes, in as few sends as it arrived in reads."""
-        send = self.conn.send
-        while data := await response.next_wire():
-            if self.first_byte is None:
-                self.first_byte = trio.current_time()
-            await send(data)
+        await response.pipe(self._send_body)
         self.complete = True
+
+    async def _send_body(self, data: bytes) -> None:
+        if self.first_byte is None:
+            self.first_byte = trio.current_time()
+        await self.conn.send(data)
 
     async def fail(self, status: int, message: str, type_: str, code: str,
                    retry_after: float | None = None) -> None:
@@ -626,9 +628,12 @@ class FastPath:
         try:
             async with trio.open_nursery() as nursery:
                 conn = ClientConnection(stream, nursery)
-                with contextlib.suppress(ClientGone):
-                    await self._serve_requests(conn)
-                nursery.cancel_scope.cancel()
+                try:
+                    with contextlib.suppress(ClientGone):
+                        await self._serve_requests(conn)
+                finally:
+                    nursery.cancel_scope.cancel()  # the watcher, if it runs
+                    close_raw(conn.raw)
         finally:
             stream.socket.close()
 

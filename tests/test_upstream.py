@@ -232,6 +232,48 @@ async def test_first_byte_then_idle_deadlines_bound_an_answer(autojump_clock: An
         await pool.aclose()
 
 
+async def test_a_relay_holds_the_same_deadlines_with_one_scope(autojump_clock: Any) -> None:
+    """``pipe`` moves one deadline lazily instead of one per read: chunks 25 s and 6 s
+    apart (each within the 30 s idle timeout, together far past it) all go through, the
+    deadline firing early (moved only every 7.5 s) is not taken for a silence, and the
+    silence after the last ends it at 30 s to the second; the first byte may take 200 s."""
+    gaps = [(0, HEAD), (200, chunk(b"first"))] + [
+        (25 if i < 3 else 6, chunk(b"%d" % i)) for i in range(8)]
+    server = SilentServer(gaps)
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port)
+        response = await pool.request(b"POST", b"/", [], b"{}", first_byte_timeout=300,
+                                      idle_timeout=30)
+        sent: list[tuple[float, bytes]] = []
+
+        async def send(data: bytes) -> None:
+            sent.append((trio.current_time(), data))
+
+        with pytest.raises(UpstreamTimeout, match=r"nothing for 30s "
+                                                  r"\(timeouts.upstream_idle\)"):
+            await response.pipe(send)
+        assert b"".join(data for _, data in sent) == b"".join(
+            chunk(data) for data in [b"first", *(b"%d" % i for i in range(8))])
+        assert trio.current_time() - sent[-1][0] == pytest.approx(30)
+        await response.aclose()
+        await pool.aclose()
+
+
+async def test_a_relay_whose_first_byte_never_comes_ends_at_first_byte_timeout(
+        autojump_clock: Any) -> None:
+    server = SilentServer([(0, HEAD)])
+    async with serving(server) as port:
+        pool = ChildPool("127.0.0.1", port)
+        response = await pool.request(b"POST", b"/", [], b"{}", first_byte_timeout=300,
+                                      idle_timeout=30)
+        began = trio.current_time()
+        with pytest.raises(UpstreamTimeout, match=r"timeouts.first_byte"):
+            await response.pipe(lambda data: trio.lowlevel.checkpoint())
+        assert trio.current_time() - began == pytest.approx(300)
+        await response.aclose()
+        await pool.aclose()
+
+
 async def test_a_body_that_never_starts_hits_first_byte_timeout(autojump_clock: Any) -> None:
     async with serving(SilentServer([(0, HEAD)])) as port:
         pool = ChildPool("127.0.0.1", port)
