@@ -41,7 +41,7 @@ from . import progress
 from .auth import path_problem
 from .config import Config
 from .upstream import ChildResponse, HttpxResponse, UpstreamError
-from .wire import LAST_CHUNK, chunk, close_raw, raw_socket, response_head, send_all
+from .wire import LAST_CHUNK, chunk, close_raw, raw_socket, recv_some, response_head, send_all
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class BodySource(Protocol):
     @property
     def body_arrived(self) -> bool: ...
 
+    def whole_body(self) -> bytes | None: ...
+
     async def continue_if_asked(self) -> None: ...
 
     async def next_body_part(self) -> bytes | None: ...
@@ -189,7 +191,8 @@ class BodyReader:
         try:
             reserved = self._reserve(declared or 0, reserved, config)
             if conn.body_arrived:  # with its head: no wait to bound
-                return await collect()
+                whole = conn.whole_body()
+                return whole if whole is not None else await collect()
             with trio.fail_after(config.timeouts.body):
                 await conn.continue_if_asked()
                 return await collect()
@@ -234,9 +237,10 @@ class ClientConnection:
     def __init__(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         self.stream = stream
         self.sock = stream.socket
-        self.raw = raw_socket(self.sock)  # for writes: see wire.raw_socket
+        self.raw = raw_socket(self.sock)  # for reads and writes: see wire.raw_socket
         self.watch = _Watch(self.sock, nursery)
         self._parser = _parser()
+        self._rest: bytes | None = None  # after a body taken whole: the next request's
         self._head = b""  # the raw bytes of the current head, while it is read
         self.declared_length: int | None = None
         self.body_done = True  # False while the current request's body is unread
@@ -247,9 +251,11 @@ class ClientConnection:
         The caller bounds the wait."""
         parser = self._parser
         self._head = parser.trailing_data[0]  # a pipelined request's first bytes
+        event: Any = h11.NEED_DATA if not self._head else None  # nothing to parse yet
         while True:
             try:
-                event = parser.next_event()
+                if event is None:
+                    event = parser.next_event()
             except h11.RemoteProtocolError as error:
                 if error.error_status_hint == 431:
                     raise RequestError(431, f"request head too large: {error}",
@@ -259,13 +265,14 @@ class ClientConnection:
                                    "bad_request") from None
             if event is h11.NEED_DATA:
                 try:
-                    data = await self.sock.recv(RECEIVE_SIZE)
+                    data = await recv_some(self.raw)
                 except OSError:
                     return None
                 if not data and not parser.trailing_data[0]:
                     return None  # closed between requests: the usual end
                 self._head += data  # bounded: h11 refuses an incomplete head past it
                 parser.receive_data(data)
+                event = None
             elif isinstance(event, h11.Request):
                 return self._request(event)
             else:  # ConnectionClosed, or a close mid-head
@@ -320,7 +327,7 @@ class ClientConnection:
             event = parser.next_event()
             if event is h11.NEED_DATA:
                 try:
-                    data = await self.sock.recv(RECEIVE_SIZE)
+                    data = await recv_some(self.raw)
                 except OSError:
                     return None
                 if not data:
@@ -334,9 +341,22 @@ class ClientConnection:
             else:
                 return None
 
+    def whole_body(self) -> bytes | None:
+        """The body, if its Content-Length says it all arrived with the head: taken as
+        it is, without a parse (what follows it is the next request's)."""
+        length = self.declared_length
+        buffered = self._parser.trailing_data[0]
+        if length is None or len(buffered) < length or (
+                self._parser.they_are_waiting_for_100_continue):
+            return None
+        self._rest = buffered[length:]
+        self.body_done = True
+        return buffered[:length]
+
     def next_cycle(self) -> None:
         """Ready for the next request: pipelined bytes already read are kept."""
-        self._parser = _parser(self._parser.trailing_data[0])
+        rest = self._parser.trailing_data[0] if self._rest is None else self._rest
+        self._parser, self._rest = _parser(rest), None
 
     async def send(self, data: bytes) -> None:
         try:

@@ -20,7 +20,7 @@ from urllib.parse import quote, quote_from_bytes
 
 import httpx
 import trio
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from . import progress
 from .config import Config, Fallback, Profile
@@ -60,6 +60,7 @@ class InferenceProxy:
         self.fallbacks = fallbacks or FallbackChain(())
         self.metrics = metrics or Metrics(supervisor)
         self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._histograms: dict[tuple[Histogram, str], Histogram] = {}
 
     @property
     def config(self) -> Config:
@@ -103,7 +104,15 @@ class InferenceProxy:
                 ex.label, route, str(key[2]))
         counter.inc()
         if ex.first_byte is not None:
-            self.metrics.first_byte.labels(ex.label).observe(ex.first_byte - ex.started)
+            self._per_model(self.metrics.first_byte, ex.label).observe(
+                ex.first_byte - ex.started)
+
+    def _per_model(self, histogram: Histogram, label: str) -> Histogram:
+        """``histogram.labels(label)``, looked up once per model."""
+        child = self._histograms.get((histogram, label))
+        if child is None:
+            child = self._histograms[histogram, label] = histogram.labels(label)
+        return child
 
     async def _local(self, ex: Exchange, profile: str | None, model: str) -> None:
         """Serve from the local model, with progress if a streaming chat must wait."""
@@ -120,7 +129,8 @@ class InferenceProxy:
                         lease = error
             if lease is None:
                 return  # the client left
-        self.metrics.queue_wait.labels(ex.label).observe(trio.current_time() - ex.started)
+        self._per_model(self.metrics.queue_wait, ex.label).observe(
+            trio.current_time() - ex.started)
         if isinstance(lease, LeaseError):
             if isinstance(lease, LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
                 await self._remote(ex, self.fallbacks.fallbacks, reason=str(lease))

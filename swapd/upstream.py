@@ -29,7 +29,7 @@ import httpx
 import trio
 
 from .config import host_port
-from .wire import ChunkScanner, FramingError, close_raw, raw_socket, send_some
+from .wire import ChunkScanner, FramingError, close_raw, raw_socket, recv_some, send_some
 
 RECEIVE_SIZE = 65536
 
@@ -97,23 +97,14 @@ class _Connection:
         # Bare scopes: fail_after's context manager costs a third more per wait.
         if on_wait is not None and on_wait.call is not None and within > WAIT_AFTER:
             with trio.CancelScope(deadline=trio.current_time() + WAIT_AFTER):
-                return await _wait_recv(raw)
+                return await recv_some(raw, RECEIVE_SIZE)
             on_wait()
             within -= WAIT_AFTER
         if within == math.inf:
-            return await _wait_recv(raw)
+            return await recv_some(raw, RECEIVE_SIZE)
         with trio.CancelScope(deadline=trio.current_time() + within):
-            return await _wait_recv(raw)
+            return await recv_some(raw, RECEIVE_SIZE)
         raise trio.TooSlowError  # reached only when the deadline cancelled the read
-
-
-async def _wait_recv(raw: socket.socket) -> bytes:
-    while True:
-        await trio.lowlevel.wait_readable(raw)
-        try:
-            return raw.recv(RECEIVE_SIZE)
-        except BlockingIOError:
-            continue  # woken for nothing (rare): wait again
 
 
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -183,6 +174,8 @@ class ChildResponse:
         A silence of the whole timeout raises ``UpstreamTimeout``, as ``next_wire``.
         """
         pending = b""
+        if self._complete:
+            return
         while True:
             with trio.CancelScope(deadline=self._heard + self._timeout) as timer:
                 while True:

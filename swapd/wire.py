@@ -169,6 +169,22 @@ def close_raw(raw: socket.socket) -> None:
         raw.close()
 
 
+async def recv_some(raw: socket.socket, size: int = 65536) -> bytes:
+    """The next bytes from a nonblocking socket (b"" at EOF), waiting only if none are
+    there yet; bytes already there come after a checkpoint that cannot lose them."""
+    try:
+        data = raw.recv(size)
+    except BlockingIOError:
+        while True:
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                return raw.recv(size)
+            except BlockingIOError:
+                continue  # woken for nothing (rare): wait again
+    await trio.lowlevel.cancel_shielded_checkpoint()  # bytes at every read: let others run
+    return data
+
+
 def send_some(raw: socket.socket, data: bytes | memoryview) -> int:
     """What a nonblocking socket takes of ``data`` now (0 when it takes nothing)."""
     try:
