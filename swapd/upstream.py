@@ -21,6 +21,7 @@ last sent anything, so its liveness probe can skip a child that is visibly busy.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -29,7 +30,7 @@ import httpx
 import trio
 
 from .config import host_port
-from .wire import ChunkScanner, FramingError, close_raw, raw_socket, recv_some, send_some
+from .wire import ChunkScanner, FramingError, close_raw, raw_socket, send_some, wait_recv
 
 RECEIVE_SIZE = 65536
 
@@ -79,31 +80,41 @@ class _Connection:
         self.raw = raw_socket(stream.socket)  # for every read and write
         self.idle_since = 0.0
         self.reused = False
+        self.waited = False  # the last read had to wait: the next one waits first
 
     async def recv(self, within: float, on_wait: _Once | None = None) -> bytes:
         """The next bytes (b"" at EOF); ``trio.TooSlowError`` if none for ``within`` s.
 
         ``on_wait`` is called if nothing came for ``WAIT_AFTER`` seconds."""
         raw = self.raw
-        try:
-            data = raw.recv(RECEIVE_SIZE)
-        except BlockingIOError:
-            pass
-        else:
-            # Bytes at every read must not starve the other tasks; shielded, so a cancel
-            # cannot lose the bytes just read.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        if not self.waited:  # the last read found bytes there: so may this one
+            try:
+                data = raw.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                self.waited = True
+            else:
+                # Bytes at every read must not starve the other tasks; shielded, so a
+                # cancel cannot lose the bytes just read.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+        data = await self._wait_recv(within, on_wait)
+        # A paced stream finds nothing at every read: it waits first, without a failed
+        # read (and its exception) each time, until a read finds more than one piece.
+        self.waited = len(data) < RECEIVE_SIZE // 16
+        return data
+
+    async def _wait_recv(self, within: float, on_wait: _Once | None) -> bytes:
+        raw = self.raw
         # Bare scopes: fail_after's context manager costs a third more per wait.
         if on_wait is not None and on_wait.call is not None and within > WAIT_AFTER:
             with trio.CancelScope(deadline=trio.current_time() + WAIT_AFTER):
-                return await recv_some(raw, RECEIVE_SIZE)
+                return await wait_recv(raw, RECEIVE_SIZE)
             on_wait()
             within -= WAIT_AFTER
         if within == math.inf:
-            return await recv_some(raw, RECEIVE_SIZE)
+            return await wait_recv(raw, RECEIVE_SIZE)
         with trio.CancelScope(deadline=trio.current_time() + within):
-            return await recv_some(raw, RECEIVE_SIZE)
+            return await wait_recv(raw, RECEIVE_SIZE)
         raise trio.TooSlowError  # reached only when the deadline cancelled the read
 
 
@@ -306,6 +317,7 @@ class ChildPool:
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self._host_line = b"host: " + host_port(host, port).encode() + b"\r\n"
+        self._family = _family(host)
         self._idle: list[_Connection] = []
         self._closed = False
         self.last_heard = trio.current_time()
@@ -378,6 +390,20 @@ class ChildPool:
             if status >= 200 or status == 101:
                 return status, headers, data
 
+    async def _connect(self) -> trio.SocketStream:
+        """A new connection. To an IP address (the usual child) a plain connect:
+        ``open_tcp_stream`` costs a nursery and a task per attempt (happy eyeballs),
+        and llama-server closes the connection after every streamed answer."""
+        if self._family is None:
+            return await trio.open_tcp_stream(self.host, self.port)
+        sock = trio.socket.socket(self._family, socket.SOCK_STREAM)
+        try:
+            await sock.connect((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)  # sets TCP_NODELAY
+
     def give_back(self, connection: _Connection) -> None:
         if self._closed or len(self._idle) >= self.max_idle:
             _close(connection)
@@ -403,11 +429,20 @@ class ChildPool:
             _close(connection)
         try:
             with trio.fail_after(self.connect_timeout):
-                stream = await trio.open_tcp_stream(self.host, self.port)
+                stream = await self._connect()
         except (OSError, trio.TooSlowError) as error:
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: "
                                 f"{error or type(error).__name__}") from None
         return _Connection(stream)
+
+
+def _family(host: str) -> socket.AddressFamily | None:
+    """The address family of an IP address; None for a name (to be resolved)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
 async def _send(raw: socket.socket, data: bytes, within: float) -> None:

@@ -175,14 +175,19 @@ async def recv_some(raw: socket.socket, size: int = 65536) -> bytes:
     try:
         data = raw.recv(size)
     except BlockingIOError:
-        while True:
-            await trio.lowlevel.wait_readable(raw)
-            try:
-                return raw.recv(size)
-            except BlockingIOError:
-                continue  # woken for nothing (rare): wait again
+        return await wait_recv(raw, size)
     await trio.lowlevel.cancel_shielded_checkpoint()  # bytes at every read: let others run
     return data
+
+
+async def wait_recv(raw: socket.socket, size: int) -> bytes:
+    """``recv_some`` once a read found nothing: wait for the socket, then read."""
+    while True:
+        await trio.lowlevel.wait_readable(raw)
+        try:
+            return raw.recv(size)
+        except BlockingIOError:
+            continue  # woken for nothing (rare): wait again
 
 
 def send_some(raw: socket.socket, data: bytes | memoryview) -> int:
