@@ -27,6 +27,15 @@ DATA = b"data:"
 DONE = b"data: [DONE]"
 
 
+
+def no_delay(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """The transport of a new connection, with Nagle off (requests go out at once)."""
+    assert isinstance(transport, asyncio.Transport)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return transport
+
 class HttpError(Exception):
     """The connection broke, or the answer did not parse, or it took too long."""
 
@@ -99,11 +108,7 @@ class _Protocol(asyncio.Protocol):
     # -- asyncio callbacks --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = no_delay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

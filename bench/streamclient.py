@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import time
 from typing import Any
 
-from .client import DATA, DONE, HttpError, build_request, clock
+from .client import DATA, DONE, HttpError, build_request, clock, no_delay
 from .stats import percentile
 
 HOST = "127.0.0.1"
@@ -55,11 +54,7 @@ class StreamProtocol(asyncio.Protocol):
         self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = no_delay(transport)
         self.started = clock()
         transport.write(self.payload)
 

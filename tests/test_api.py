@@ -29,6 +29,7 @@ from swapd.config import parse_config
 from swapd.progress import PREFIX
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.rawhttp import request_bytes
 from tests.support.tiny_gguf import write_header_only
 
 
@@ -549,6 +550,28 @@ async def test_client_leaving_mid_stream_closes_its_upstream(tmp_path: Path) -> 
         answer = await client.post("/v1/completions", json={"model": "a", "prompt": "x",
                                                             "max_tokens": 1})
         assert answer.status_code == 200
+
+
+async def test_client_leaving_a_long_plain_answer_gives_its_lease_back(
+        tmp_path: Path) -> None:
+    """A non-streamed answer sends nothing until it is complete (50 s here): swapd
+    reads nothing from the client meanwhile, so only the connection's watcher (armed
+    once the wait is long) sees the client leave; its lease must come back at once."""
+    async with swapd(tmp_path, a_flags={"fake-tokens": 10000,
+                                        "fake-token-delay-ms": 5}) as (running, client):
+        await client.post("/swapd/load", json={"model": "a"})
+        port = int(running.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(request_bytes("POST", "/v1/chat/completions", body=json.dumps(
+            chat("a")).encode()).replace(b"connection: close\r\n", b""))
+        with trio.fail_after(10):
+            while running.supervisor.n_inflight == 0:
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)  # well past the 2 ms after which the wait is watched
+        await stream.aclose()
+        with trio.fail_after(5):
+            while running.supervisor.n_inflight:
+                await trio.sleep(0.01)
 
 
 async def test_second_load_shows_an_eta(tmp_path: Path) -> None:
