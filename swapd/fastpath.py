@@ -537,7 +537,14 @@ class Exchange:
                     return None
                 await self.start(response.status_code, headers)
             elif response.status_code != 200:  # our 200 is out: say it in-band
-                text = (await response.aread()).decode(errors="replace")
+                body = await response.aread()
+                error = _error_object(body)
+                if error is not None and self.stream and self.chunked:
+                    # The upstream's own error, unchanged (a context overflow stays an
+                    # exceed_context_size_error, whether the request waited or not).
+                    await self.end(progress.data({"error": error}) + progress.DONE)
+                    return None
+                text = body.decode(errors="replace")
                 return f"{label} answered {response.status_code}: {text[:500]}"
             elif self.chunked and isinstance(response, ChildResponse) and response.chunked:
                 await self._pipe(response)
@@ -579,6 +586,16 @@ class Exchange:
         else:  # a plain body was half sent, or the stream cut mid-chunk: close it
             log.warning("%s", message)
             self.keep_alive = self.complete = False
+
+
+def _error_object(body: bytes) -> dict[str, Any] | None:
+    """The ``error`` object of an OpenAI-shaped error body, or None."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, dict) else None
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:

@@ -118,6 +118,8 @@ class InferenceProxy:
         """Serve from the local model, with progress if a streaming chat must wait."""
         lease: Lease | LeaseError | None = self.supervisor.lease_now(profile)
         if lease is None:
+            lease = self.supervisor.refusal(profile)  # refused now: before any early 200
+        if lease is None:
             with ex.waiting():  # the client leaving ends the wait, and its place in line
                 if ex.stream and ex.request.path.endswith("/chat/completions"):
                     await ex.start(200, SSE_HEADERS)

@@ -886,24 +886,10 @@ class Supervisor:
                 self._on_hung(proc, why)
 
     def _on_acquire(self, name: str | None, waiter: Waiter) -> None:
-        if self._shutting_down:
-            self._answer(waiter, ShuttingDown())
+        profile = self._target(name)
+        if not isinstance(profile, Profile):
+            self._answer(waiter, profile)
             return
-        if name is None:
-            active = self.active
-            if active is None:
-                self._answer(waiter, NoModelLoaded(list(self.config.profiles)))
-                return
-            if active.name not in self.config.profiles:  # removed, going away
-                self._answer(waiter, UnknownModel(active.name, self.config.model_names()))
-                return
-            profile = active
-        else:
-            resolved = self.config.resolve(name)
-            if not isinstance(resolved, Profile):
-                self._answer(waiter, UnknownModel(name, self.config.model_names()))
-                return
-            profile = resolved
         waiter.profile = profile.name
         child = self._children.get(profile.name)
         if child is not None and self._can_grant(child):
@@ -912,16 +898,49 @@ class Supervisor:
         if waiter.ready_only:
             self._answer(waiter, NotReadyNow(f"model {profile.name!r} is not ready now"))
             return
-        refusal = self._circuit_refusal(profile.name)
+        refusal = self._queue_refusal(profile)
         if refusal is not None:
             self._answer(waiter, refusal)
             return
-        if self.n_waiting >= self.config.queue.max_waiting:
-            self._answer(waiter, QueueFull(self.config.queue.max_waiting,
-                                           retry_after=self._retry_after()))
-            return
         self._waiting.setdefault(profile.name, deque()).append(waiter)
         self._publish("queued", profile=profile.name, waiting=self.n_waiting)
+
+    def refusal(self, name: str | None) -> LeaseError | None:
+        """What ``acquire(name)`` would refuse at once, if the model is not ready now:
+        so that a request that will not wait is refused before it is told to (a
+        streaming chat's early 200). A read-only peek, like ``serving``."""
+        profile = self._target(name)
+        if not isinstance(profile, Profile):
+            return profile
+        child = self._children.get(profile.name)
+        if child is not None and self._can_grant(child):
+            return None
+        return self._queue_refusal(profile)
+
+    def _target(self, name: str | None) -> Profile | LeaseError:
+        """The profile a request for ``name`` is for, or why there is none."""
+        if self._shutting_down:
+            return ShuttingDown()
+        if name is None:
+            active = self.active
+            if active is None:
+                return NoModelLoaded(list(self.config.profiles))
+            if active.name not in self.config.profiles:  # removed, going away
+                return UnknownModel(active.name, self.config.model_names())
+            return active
+        resolved = self.config.resolve(name)
+        if not isinstance(resolved, Profile):
+            return UnknownModel(name, self.config.model_names())
+        return resolved
+
+    def _queue_refusal(self, profile: Profile) -> LeaseError | None:
+        """Why a request for a model that is not ready may not wait for it, if it may not."""
+        refusal = self._circuit_refusal(profile.name)
+        if refusal is not None:
+            return refusal
+        if self.n_waiting >= self.config.queue.max_waiting:
+            return QueueFull(self.config.queue.max_waiting, retry_after=self._retry_after())
+        return None
 
     def _on_withdraw(self, waiter: Waiter) -> None:
         queue = self._waiting.get(waiter.profile)

@@ -29,6 +29,8 @@ tiny models; see ``tests/test_real_llama.py``):
   signal is handled, then exit 0 (the fake also writes ``received SIGTERM``, which the
   real one does not). A second signal: ``Received second interrupt, terminating
   immediately.``, exit 1.
+- A chat or completion whose prompt has more words than ``--ctx-size`` gets llama-server's
+  400 ``exceed_context_size_error`` (with ``n_prompt_tokens`` and ``n_ctx``).
 - HTTP/1.1 keep-alive with ``Keep-Alive: timeout=5, max=100``: an idle connection is
   closed after 5 s, and every connection after its 100th response. A 404 closes it too,
   and so does every streamed answer, silently (no ``Connection: close``), right after
@@ -283,6 +285,15 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Requir
 _CHAT = {"/v1/chat/completions", "/chat/completions"}
 _COMPLETIONS = {"/v1/completions", "/completions", "/completion"}
 _EMBEDDINGS = {"/v1/embeddings", "/embeddings", "/embedding"}
+
+
+def _prompt_tokens(body: dict[str, object]) -> int:
+    """A prompt's length in the fake's tokens: its words (the real server's
+    ``exceed_context_size_error`` past ``--ctx-size``, without a tokenizer)."""
+    messages = body.get("messages")
+    texts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(
+        messages, list) else [body.get("prompt")]
+    return sum(len(t.split()) for t in texts if isinstance(t, str))
 
 
 def _error(code: int, message: str, kind: str = "invalid_request_error") -> dict[str, object]:
@@ -571,7 +582,13 @@ class HttpProtocol(asyncio.Protocol):
             self.send_json(200, self.embeddings(body))
         elif path in _CHAT or path in _COMPLETIONS:
             chat = path in _CHAT
-            if body.get("stream"):
+            n_prompt = _prompt_tokens(body)
+            if n_prompt > server.opts.ctx_size:
+                self.send_json(400, {"error": {
+                    "code": 400, "message": "the request exceeds the available context size, "
+                    "try increasing it", "type": "exceed_context_size_error",
+                    "n_prompt_tokens": n_prompt, "n_ctx": server.opts.ctx_size}})
+            elif body.get("stream"):
                 self.spawn(self.stream_answer(body, chat))
             elif server.opts.token_delay_ms > 0:
                 self.spawn(self.slow_answer(body, chat))

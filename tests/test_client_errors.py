@@ -1,0 +1,81 @@
+"""Errors reach each client the way the model gave them, whether the request waited
+for a swap or not (issue 16, item 3), with the real ``openai`` client."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import openai
+import pytest
+import trio
+
+from tests.test_api import chat, swapd
+
+LONG = " ".join(["word"] * 5000)
+"""A prompt longer than profile b's ctx-size (4096): the fake refuses it as llama-server
+does, 400 ``exceed_context_size_error``."""
+
+
+def overflow(sdk: openai.OpenAI, model: str, stream: bool) -> None:
+    messages = [{"role": "user", "content": LONG}]
+    if stream:
+        for _chunk in sdk.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                                  stream=True):
+            pass
+    else:
+        sdk.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+
+
+async def test_a_context_overflow_keeps_its_type_through_a_swap(tmp_path: Path) -> None:
+    """A stream that waited for b's load (its 200 and progress already out) ends with b's
+    own error object, in-band: the SDK raises it with llama-server's type and code,
+    where it used to get swapd's generic ``model_failed``."""
+    async with swapd(tmp_path) as (running, client):
+        assert (await client.post("/swapd/load", json={"model": "a"})).status_code == 200
+        sdk = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIError) as waited:
+            await trio.to_thread.run_sync(overflow, sdk, "b", True)
+        assert waited.value.type == "exceed_context_size_error"
+        assert str(waited.value.code) == "400"  # llama-server says 400; the SDK keeps a str
+        assert "exceeds the available context size" in waited.value.message
+        assert waited.value.body["n_ctx"] == 4096  # type: ignore[index]
+        # b is loaded now: the same prompt gets the child's 400 as an HTTP status
+        with pytest.raises(openai.BadRequestError) as loaded:
+            await trio.to_thread.run_sync(overflow, sdk, "b", True)
+        assert loaded.value.type == "exceed_context_size_error"
+
+
+async def test_a_stream_that_cannot_wait_is_refused_before_its_200(tmp_path: Path) -> None:
+    """A full queue (or an open circuit) is known before the early 200 of a streaming
+    chat: the client gets the 429 with Retry-After as a status, not a 200 and an
+    in-band error."""
+    async with swapd(tmp_path, queue={"max_waiting": 1},
+                     a_flags={"fake-never-healthy": True}) as (running, client), \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("a")))
+        with trio.fail_after(10):
+            while running.supervisor.n_waiting < 1:
+                await trio.sleep(0.01)
+        async with client.stream("POST", "/v1/chat/completions",
+                                  json=chat("b", stream=True)) as full:
+            assert full.status_code == 429
+            assert int(full.headers["retry-after"]) >= 1
+            assert full.headers["content-type"] == "application/json"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_open_circuit_refuses_a_stream_before_its_200(tmp_path: Path) -> None:
+    """b fails its start once (max_failures 1): its circuit is open for 10 minutes, so a
+    streaming chat for it is a 503 ``circuit_open`` with Retry-After, as a status."""
+    async with swapd(tmp_path, b_flags={"fake-exit-at-start": 3},
+                     restart={"max_failures": 1, "cooldown": "10m"}) as (running, client):
+        failed = await client.post("/v1/chat/completions", json=chat("b"))
+        assert failed.status_code == 503
+        assert running.supervisor.circuits()["b"]["state"] == "open"
+        async with client.stream("POST", "/v1/chat/completions",
+                                  json=chat("b", stream=True)) as refused:
+            assert refused.status_code == 503
+            assert int(refused.headers["retry-after"]) > 500
+            body = await refused.aread()
+        assert b'"circuit_open"' in body
