@@ -44,6 +44,9 @@ KNOWN_ROUTES = frozenset({
 }) | NATIVE_POSTS
 """Routes counted under their own label; anything else is "/v1/(other)"."""
 
+PROGRESS_REFRESH = 1.0
+"""Seconds between looks at a waiting request's progress line (its ETA moves)."""
+
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -173,10 +176,16 @@ class InferenceProxy:
             except LeaseError as error:
                 result.append(error)
             nursery.cancel_scope.cancel()
-        if isinstance(result[0], LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
+        # The last line is said here, not by the progress task (cancelled as soon as
+        # the lease came, its last line could be lost).
+        if isinstance(result[0], Lease):
+            line = chunks.reasoning(f"{result[0].profile.name} is ready")
+        elif isinstance(result[0], LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
             line = chunks.reasoning(f"{model} can't start here; trying the fallbacks")
-            if line is not None and self.config.progress.reasoning:
-                await ex.body_part(line)
+        else:
+            line = None
+        if line is not None and self.config.progress.reasoning:
+            await ex.body_part(line)
         return result[0]
 
     async def _send_progress(self, ex: Exchange, chunks: progress.ProgressStream,
@@ -184,16 +193,23 @@ class InferenceProxy:
         keepalive = self.config.progress.keepalive
         reasoning = self.config.progress.reasoning
         await ex.body_part(progress.comment(f"swapd loading {profile}"))
+        sent = trio.current_time()  # the last byte on the stream
         while True:
             changed = self.supervisor.next_change()  # before the send, so none is missed
             if reasoning:
                 chunk = chunks.reasoning(progress.describe(self.supervisor.status(), profile))
                 if chunk is not None:
                     await ex.body_part(chunk)
-            with trio.move_on_after(min(keepalive, 1.0) if reasoning else keepalive) as timer:
+                    sent = trio.current_time()
+            # Each second the line is looked at again (its ETA moves); a keep-alive only
+            # when the stream has been silent for progress.keepalive.
+            wake = sent + keepalive
+            with trio.move_on_at(min(wake, trio.current_time() + PROGRESS_REFRESH)
+                                 if reasoning else wake):
                 await changed.wait()
-            if timer.cancelled_caught:
+            if trio.current_time() >= sent + keepalive:
                 await ex.body_part(progress.comment(f"swapd loading {profile}"))
+                sent = trio.current_time()
 
     async def _remote(self, ex: Exchange, fallbacks: Sequence[Fallback],
                       reason: str | None) -> None:

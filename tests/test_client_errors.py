@@ -10,7 +10,7 @@ import openai
 import pytest
 import trio
 
-from tests.test_api import chat, swapd
+from tests.test_api import PREFIX, chat, sse_events, swapd
 
 LONG = " ".join(["word"] * 5000)
 """A prompt longer than profile b's ctx-size (4096): the fake refuses it as llama-server
@@ -79,3 +79,19 @@ async def test_an_open_circuit_refuses_a_stream_before_its_200(tmp_path: Path) -
             assert int(refused.headers["retry-after"]) > 500
             body = await refused.aread()
         assert b'"circuit_open"' in body
+
+
+async def test_a_waiting_stream_says_ready_last_and_keeps_alive_at_its_setting(
+        tmp_path: Path) -> None:
+    """While b loads (2.5 s, reasoning lines changing every second), no keep-alive
+    comment is sent before ``progress.keepalive`` (10 s) of silence: only the first one.
+    The last progress line, "b is ready", is never lost to the lease arriving."""
+    async with swapd(tmp_path, progress={"keepalive": "10s"},
+                     b_flags={"fake-load-ms": 2500}) as (_running, client), client.stream(
+            "POST", "/v1/chat/completions", json=chat("b", stream=True)) as response:
+        text = (await response.aread()).decode()
+    comments, data = sse_events(text)
+    assert [c for c in comments if "swapd loading" in c] == [": swapd loading b"]
+    lines = [chunk["choices"][0]["delta"]["reasoning_content"] for chunk in data[:-1]
+             if "reasoning_content" in chunk["choices"][0]["delta"]]
+    assert lines[-1] == PREFIX + "b is ready\n"
