@@ -661,7 +661,18 @@ class FastPath:
         self.draining = False
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
-        """Serve one client connection until it closes (or goes to hypercorn)."""
+        """Serve one client connection until it closes (or goes to hypercorn).
+
+        Whatever goes wrong in it ends this connection, never the server: an error no
+        code path expected is logged with its traceback and the connection closed.
+        """
+        try:
+            await self._serve_connection(stream)
+        except* Exception as group:
+            log.error("a connection ended on an unexpected error; swapd goes on",
+                      exc_info=group)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 conn = ClientConnection(stream, nursery)

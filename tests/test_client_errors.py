@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import trio
@@ -95,3 +96,23 @@ async def test_a_waiting_stream_says_ready_last_and_keeps_alive_at_its_setting(
     lines = [chunk["choices"][0]["delta"]["reasoning_content"] for chunk in data[:-1]
              if "reasoning_content" in chunk["choices"][0]["delta"]]
     assert lines[-1] == PREFIX + "b is ready\n"
+
+
+async def test_a_bug_in_one_exchange_ends_its_connection_not_swapd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An error no code path expected (here: injected into the proxy) closes that
+    connection and is logged; the listener keeps serving everyone else."""
+    async with swapd(tmp_path) as (running, client):
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        proxy = type(running.fastpath._inference)
+
+        async def broken(self: object, ex: object) -> None:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(proxy, "__call__", broken)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post("/v1/chat/completions", json=chat("a"))
+        monkeypatch.undo()
+        assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
+        assert "unexpected error" in caplog.text and "injected" in caplog.text
