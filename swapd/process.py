@@ -504,7 +504,9 @@ class LlamaProcess:
         against). None when it does not say within :data:`PROPS_READ_TIMEOUT`."""
         with trio.move_on_after(PROPS_READ_TIMEOUT):
             try:
-                response = await self.client.get("/props")
+                # Connection: close: an idle keep-alive connection holds one of the
+                # child's few HTTP threads, which its requests and probes then lack.
+                response = await self.client.get("/props", headers={"Connection": "close"})
                 settings = response.json().get("default_generation_settings")
             except (httpx.HTTPError, ValueError, AttributeError):
                 return None
