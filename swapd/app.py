@@ -99,6 +99,16 @@ class Frontend:
                 return self.catalog.get(resolved.name)
         return None
 
+    def context(self, entry: ModelEntry) -> tuple[int, str]:
+        """The context one request gets, and where that figure comes from: ``live``,
+        what the profile's child reported at its last load, else ``computed`` from the
+        flags and the GGUF header (the catalog's). Slots split a context, so this is
+        what a prompt must fit in, not the ``ctx-size`` flag."""
+        live = self.supervisor.contexts.get(entry.name)
+        if live is not None and self.config.profiles.get(entry.name) == entry.profile:
+            return live, "live"
+        return entry.context_length, "computed"
+
     def memory(self, entry: ModelEntry) -> dict[str, Any] | None:
         """The profile's VRAM estimate, with a verdict when the GPU memory is known."""
         estimate = entry.estimate
@@ -268,6 +278,7 @@ def _capabilities(entry: ModelEntry) -> list[str]:
 def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
     def openai_model(entry: ModelEntry) -> dict[str, Any]:
         profile = entry.profile
+        n_ctx, source = fe.context(entry)
         return {
             "id": entry.name,
             "object": "model",
@@ -275,10 +286,11 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
             "owned_by": "swapd",
             "name": profile.label,
             "aliases": list(profile.aliases),
-            "context_length": entry.context_length,
-            "max_model_len": entry.context_length,
+            "context_length": n_ctx,  # per request: what one prompt plus answer may use
+            "context_source": source,
+            "max_model_len": n_ctx,
             "status": fe.status_of(entry.name),
-            "meta": {"n_ctx": entry.context_length, "size": entry.file_size},
+            "meta": {"n_ctx": n_ctx, "size": entry.file_size},
             "memory": fe.memory(entry),
         }
 
@@ -323,7 +335,7 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
         if entry is None:
             what = f"model '{name}' not found" if name else "no model is loaded"
             return _json({"error": what}, 404)
-        n = entry.context_length
+        n = fe.context(entry)[0]
         arch = entry.architecture
         return _json({
             "license": "",
@@ -355,7 +367,7 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
             size = footprint["measured"] or row["planned"] or footprint["estimate"]
             loaded.append({**ollama_model(entry), "expires_at": expires,
                            "size_vram": size or entry.file_size,
-                           "context_length": entry.context_length})
+                           "context_length": fe.context(entry)[0]})
         return _json({"models": loaded})
 
     @app.route("/api/version")
@@ -367,13 +379,14 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
         models = []
         for entry in fe.catalog.values():
             loaded = fe.status_of(entry.name) == "loaded"
+            n_ctx = fe.context(entry)[0]
             models.append({
                 "type": "llm", "publisher": "swapd", "key": entry.name,
                 "display_name": entry.profile.label, "architecture": entry.architecture,
                 "format": "gguf", "size_bytes": entry.file_size,
-                "max_context_length": entry.context_length,
+                "max_context_length": n_ctx,
                 "loaded_instances": [{"id": entry.name, "config": {
-                    "context_length": entry.context_length}}] if loaded else [],
+                    "context_length": n_ctx}}] if loaded else [],
             })
         return _json({"models": models})
 
@@ -400,8 +413,8 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
                 except (trio.TooSlowError, OSError, Exception):
                     pass
         return _json({
-            "default_generation_settings": {"n_ctx": entry.context_length, "params": {}},
-            "total_slots": int(entry.profile.flags.get("parallel") or 1),  # type: ignore[arg-type]
+            "default_generation_settings": {"n_ctx": fe.context(entry)[0], "params": {}},
+            "total_slots": entry.slots,
             "model_alias": entry.name,
             "model_path": str(entry.profile.model),
             "modalities": {"vision": False, "audio": False},
@@ -476,7 +489,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
             "fallbacks": fe.fallbacks.status(),
             "profiles": {name: {"status": fe.status_of(name),
                                 "display_name": e.profile.label,
-                                "context_length": e.context_length,
+                                "context_length": fe.context(e)[0],
+                                "context_source": fe.context(e)[1],
                                 "aliases": list(e.profile.aliases),
                                 "memory": fe.memory(e),
                                 "footprint": sup.footprint_of(name)}

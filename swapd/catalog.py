@@ -1,9 +1,12 @@
 """What every discovery endpoint says about a profile, computed once per config.
 
-Clients size their prompts from the advertised context, so it must be the context the
-model will really run with: the profile's ``ctx-size`` flag, else the training context
-from the GGUF header (llama-server's own default). Reading headers is file I/O, so the
-catalog is built off the event loop, at start and at reload, never per request.
+Clients size their prompts from the advertised context, so it must be the context one
+request really gets: llama-server splits ``ctx-size`` (else the training context from the
+GGUF header) between its slots unless the cache is unified
+(:func:`swapd.estimate.slot_context` has the rules). This is the computed value; once a
+child has loaded, the supervisor knows the one it reports and the routes prefer that.
+Reading headers is file I/O, so the catalog is built off the event loop, at start and at
+reload, never per request.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import attrs
 
 from .config import Config, Profile
-from .estimate import Estimate, LayoutCache, ModelLayoutError, estimate_profile
+from .estimate import Estimate, LayoutCache, ModelLayoutError, estimate_profile, slot_context
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +28,13 @@ DEFAULT_CONTEXT = 4096
 @attrs.frozen
 class ModelEntry:
     profile: Profile
-    context_length: int
+    context_length: int  # per request (per slot), computed from the flags
     architecture: str
     file_size: int
     modified: float
     model_name: str | None
     estimate: Estimate | None = None
+    slots: int = 1
 
     @property
     def name(self) -> str:
@@ -56,12 +60,14 @@ def _entry(profile: Profile, layouts: LayoutCache) -> ModelEntry:
         ctx_train = ctx if isinstance(ctx, int) else None
         size, modified = stat.st_size, stat.st_mtime
         model_name = name if isinstance(name, str) else None
+    slot = slot_context(profile.flags, ctx_train)
     return ModelEntry(
         profile=profile,
-        context_length=profile.ctx_size or ctx_train or DEFAULT_CONTEXT,
+        context_length=slot.per_request or DEFAULT_CONTEXT,
         architecture=architecture,
         file_size=size,
         modified=modified,
         model_name=model_name,
         estimate=estimate_profile(profile, cache=layouts),
+        slots=slot.slots,
     )

@@ -63,10 +63,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CACHE_TYPES", "GGML_TYPES", "RUNTIME_RESERVE", "Estimate", "Fix", "GGMLType",
-    "LayoutCache", "ModelFileError", "ModelLayout", "ModelLayoutError", "TensorInfo",
-    "detect_gpu_memory",
+    "LayoutCache", "ModelFileError", "ModelLayout", "ModelLayoutError", "SlotContext",
+    "TensorInfo", "detect_gpu_memory",
     "estimate_model", "estimate_profile", "format_bytes", "format_report",
-    "parse_gpu_memory", "read_layout", "suggest_fix", "tensor_nbytes",
+    "parse_gpu_memory", "read_layout", "slot_context", "suggest_fix", "tensor_nbytes",
 ]
 
 MiB = 1 << 20
@@ -975,6 +975,45 @@ def _cells(n_ctx: int, s: _Settings) -> tuple[int, int]:
         return n_ctx, 1
     per_seq = _pad(n_ctx // s.n_parallel)
     return per_seq, s.n_parallel
+
+
+@attrs.frozen
+class SlotContext:
+    """What one request may use, as llama-server will size it for these flags."""
+
+    per_request: int | None  # tokens per slot; None: unknown (no ctx-size, no header)
+    slots: int
+    unified: bool
+
+
+def slot_context(flags: Mapping[str, FlagValue], n_ctx_train: int | None) -> SlotContext:
+    """The context of one slot (one request), by the rules the real llama-server shows.
+
+    Found against the build the tests use (docs/memory.md, "The context a request
+    gets"): ``--parallel`` unset or ``auto`` means 4 slots sharing a unified cache (a
+    ``--no-kv-unified`` is then ignored); an explicit ``--parallel N`` splits the cache
+    unless ``--kv-unified``. A set ``ctx-size`` is padded to 256, and a split one gives
+    each slot ``pad(pad(ctx) / N)``; ``ctx-size`` unset or 0 gives each slot the training
+    context. Every slot is capped at the training context, then at
+    ``--kv-unified-per-slot`` (which, without ``ctx-size``, sizes the pool to N x it).
+    """
+    s = _settings(flags)
+    slots = s.n_parallel
+    if s.ctx:
+        pool: int | None = s.ctx
+    elif s.ctx is None and s.kv_unified_per_slot:
+        pool = slots * s.kv_unified_per_slot
+    else:
+        pool = None  # the training context, per slot
+    if pool is not None:
+        per_request: int | None = _cells(pool, s)[0]
+        if n_ctx_train and per_request is not None:
+            per_request = min(per_request, n_ctx_train)
+    else:
+        per_request = n_ctx_train
+    if s.kv_unified_per_slot and per_request is not None:
+        per_request = min(per_request, s.kv_unified_per_slot)
+    return SlotContext(per_request, slots, s.unified)
 
 
 _INPUT_TENSORS = ("token_embd.", "position_embd.", "token_types.", "per_layer_token_embd.")

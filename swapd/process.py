@@ -73,6 +73,9 @@ SETPRIV_PROBE_TIMEOUT = 5.0
 HEALTH_POLL_TIMEOUT = 2.0
 """One readiness poll of ``/health`` while a model loads (polls repeat every 20 ms)."""
 
+PROPS_READ_TIMEOUT = 2.0
+"""Reading a child's ``/props`` once after it loaded (the context a request gets)."""
+
 REAP_POLL_INTERVAL = 0.05
 """How often to look for the exit of a child without a pidfd (old kernels; rare)."""
 
@@ -494,6 +497,23 @@ class LlamaProcess:
                 return False
             return True
         return False
+
+    async def slot_context(self) -> int | None:
+        """The context one request gets, as the child says: ``/props``
+        ``default_generation_settings.n_ctx`` (the per-slot value it checks prompts
+        against). None when it does not say within :data:`PROPS_READ_TIMEOUT`."""
+        with trio.move_on_after(PROPS_READ_TIMEOUT):
+            try:
+                # Connection: close: an idle keep-alive connection holds one of the
+                # child's few HTTP threads, which its requests and probes then lack.
+                response = await self.client.get("/props", headers={"Connection": "close"})
+                settings = response.json().get("default_generation_settings")
+            except (httpx.HTTPError, ValueError, AttributeError):
+                return None
+            n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+            if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
+                return n_ctx
+        return None
 
     async def _healthy(self) -> bool:
         """One ``/health`` poll, over the lean client: polls run every 20 ms of a load."""

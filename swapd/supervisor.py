@@ -203,6 +203,7 @@ class Loaded:
     profile: str
     gpus: tuple[int, ...]
     load_s: float
+    context: int | None = None  # per request, as the child reports it (None: it did not)
 
 
 @attrs.frozen
@@ -314,6 +315,7 @@ class StartDone:
     profile: Profile
     proc: process.LlamaProcess | None
     error: StartError | None
+    context: int | None = None  # the child's own per-request context
 
 
 @attrs.frozen
@@ -400,6 +402,9 @@ class Supervisor:
         self.last_error_at: float | None = None  # wall clock
         self.events: deque[Event] = deque(maxlen=256)
         self.load_seconds: dict[str, float] = _read_load_times(config)
+        self.contexts: dict[str, int] = {}
+        """Per profile, the context one request got at its last load, as the child said:
+        what discovery reports once known (this definition, this binary)."""
         self.stats = {"swaps": 0, "starts_failed": 0, "crashes": 0, "hangs": 0}
         self.evictions: dict[str, int] = dict.fromkeys(EVICTION_REASONS, 0)
         self.health: dict[str, ProfileHealth] = {}
@@ -858,11 +863,14 @@ class Supervisor:
                 self._sizing.discard(profile.name)
                 if self.config.profiles.get(profile.name) == profile:
                     self.sizes[profile.name] = message
-            case StartDone(profile, proc, error):
+            case StartDone(profile, proc, error, context):
                 self.phase = None
                 child = self._children.get(profile.name)
                 if child is None or child.state not in (State.STARTING, State.STOPPING):
                     return  # not possible: a child leaves STARTING only through here
+                if (context is not None and error is None
+                        and self.config.profiles.get(profile.name) == profile):
+                    self.contexts[profile.name] = context
                 self._on_start_done(child, proc, error)
                 if proc is not None and child.proc is proc and _ready(child):
                     assert self._nursery is not None
@@ -1142,6 +1150,7 @@ class Supervisor:
             self.health.pop(name, None)  # a fixed profile deserves a fresh start
             self.load_seconds.pop(name, None)
             self.sizes.pop(name, None)
+            self.contexts.pop(name, None)
         for name in removed:
             for waiter in self._waiting.pop(name, deque()):
                 self._answer(waiter, UnknownModel(name, new.model_names()))
@@ -1179,8 +1188,9 @@ class Supervisor:
             "load_seconds": round(now - stopped, 4), "total_seconds": round(now - began, 4)})
         if result == "ok":
             load_s = self.load_seconds.get(child.name, now - stopped)  # spawn to healthy
-            self._publish("loaded", fact=Loaded(child.name, child.gpus, load_s),
-                          profile=child.name, gpus=list(child.gpus))
+            context = self.contexts.get(child.name)
+            self._publish("loaded", fact=Loaded(child.name, child.gpus, load_s, context),
+                          profile=child.name, gpus=list(child.gpus), context=context)
             if from_:
                 self._publish("swapped", fact=Swapped(tuple(from_), child.name,
                                                        round(stopped - began, 4),
@@ -1708,6 +1718,7 @@ class Supervisor:
         proc: process.LlamaProcess | None = None
         error: StartError | None = None
         handed_over = False
+        context: int | None = None
         try:
             with scope:
                 try:
@@ -1727,11 +1738,14 @@ class Supervisor:
                             profile.name))
                         with trio.move_on_after(SLOT_TIMEOUT):
                             await self.slots.restore(proc, profile)
+                    # What a request really gets (slots split the context): learned
+                    # once per load, so discovery need not compute or ask per request.
+                    context = await proc.slot_context()
                 except StartError as failure:
                     error = failure
             if (error is not None or scope.cancelled_caught) and proc is not None:
                 await proc.stop(timeouts.stop)
-            await self._post_shielded(StartDone(profile, proc, error))
+            await self._post_shielded(StartDone(profile, proc, error, context))
             handed_over = True
         finally:
             # Cancelled from outside (the supervisor itself is going away): the child

@@ -54,6 +54,7 @@ from swapd.estimate import (
     format_report,
     parse_gpu_memory,
     read_layout,
+    slot_context,
     suggest_fix,
     tensor_nbytes,
 )
@@ -765,3 +766,59 @@ def print_table() -> None:
 
 if __name__ == "__main__":
     print_table()
+
+
+# --- the context one request gets ---------------------------------------------------------
+
+# What the real llama-server (the build the tests use) put in /props
+# ``default_generation_settings.n_ctx`` and every /slots ``n_ctx``, for a model trained
+# on 16384 (or 5000) tokens; docs/memory.md has the commands.
+SLOT_CONTEXTS: list[tuple[dict[str, FlagValue], int, int, int, bool]] = [
+    # flags, n_ctx_train, per request, slots, unified
+    ({"ctx-size": 4096, "parallel": 2}, 16384, 2048, 2, False),
+    ({"ctx-size": 4096, "parallel": 2, "kv-unified": True}, 16384, 4096, 2, True),
+    ({"c": 4096, "np": 2, "kvu": True}, 16384, 4096, 2, True),
+    ({"ctx-size": 4096, "parallel": 2, "no-kv-unified": True}, 16384, 2048, 2, False),
+    ({"ctx-size": 4096}, 16384, 4096, 4, True),  # parallel auto: 4 slots, unified
+    ({"ctx-size": 4096, "no-kv-unified": True}, 16384, 4096, 4, True),  # ignored
+    ({"parallel": -1, "no-kv-unified": True}, 16384, 16384, 4, True),
+    ({}, 16384, 16384, 4, True),
+    ({"parallel": 2}, 16384, 16384, 2, False),  # no ctx-size: each slot the training one
+    ({"ctx-size": 0, "parallel": 2}, 16384, 16384, 2, False),
+    ({"parallel": 2, "kv-unified": True}, 16384, 16384, 2, True),
+    ({"ctx-size": 4096, "parallel": 1}, 16384, 4096, 1, False),
+    ({"ctx-size": 5000, "parallel": 3}, 16384, 1792, 3, False),  # pad(pad(5000) / 3)
+    ({"ctx-size": 5000, "parallel": 3, "kv-unified": True}, 16384, 5120, 3, True),
+    ({"ctx-size": 5000, "parallel": 1}, 16384, 5120, 1, False),  # padded to 256
+    ({"ctx-size": 32768, "parallel": 1}, 16384, 16384, 1, False),  # capped at training
+    ({"ctx-size": 32768, "parallel": 2}, 16384, 16384, 2, False),
+    ({"ctx-size": 32768, "parallel": 2, "kv-unified": True}, 16384, 16384, 2, True),
+    ({"ctx-size": 32768}, 16384, 16384, 4, True),
+    ({"parallel": 2, "kv-unified-per-slot": 1000}, 16384, 1000, 2, False),
+    ({"ctx-size": 4096, "parallel": 2, "kv-unified-per-slot": 1000}, 16384, 1000, 2, False),
+    ({"ctx-size": 1024, "parallel": 2, "kv-unified-per-slot": 1000}, 16384, 512, 2, False),
+    ({"parallel": 2, "kv-unified": True, "kv-unified-per-slot": 1000}, 16384, 1000, 2, True),
+    ({"kv-unified-per-slot": 1000}, 16384, 1000, 4, True),
+    ({"parallel": 2, "kv-unified-per-slot": 20000}, 16384, 16384, 2, False),
+    ({"ctx-size": 0, "parallel": 2, "kv-unified-per-slot": 1000}, 16384, 1000, 2, False),
+    ({}, 5000, 5000, 4, True),
+    ({"parallel": 2}, 5000, 5000, 2, False),
+    ({"ctx-size": 8192, "parallel": 1}, 5000, 5000, 1, False),
+    ({"ctx-size": 8192, "parallel": 2}, 5000, 4096, 2, False),
+    ({"ctx-size": 4000, "parallel": 1}, 16384, 4096, 1, False),
+]
+
+
+@pytest.mark.parametrize(("flags", "train", "per_request", "slots", "unified"),
+                         SLOT_CONTEXTS)
+def test_slot_context_is_what_llama_server_gives_a_slot(
+        flags: dict[str, FlagValue], train: int, per_request: int, slots: int,
+        unified: bool) -> None:
+    got = slot_context(flags, train)
+    assert (got.per_request, got.slots, got.unified) == (per_request, slots, unified)
+
+
+def test_slot_context_without_a_training_context() -> None:
+    """No readable header: a set ctx-size is still known, an unset one is not."""
+    assert slot_context({"ctx-size": 65536, "parallel": 2}, None).per_request == 32768
+    assert slot_context({"parallel": 2}, None).per_request is None

@@ -259,3 +259,63 @@ async def test_an_embedding_and_a_chat_model_stay_resident_together(
         status = (await client.get("/swapd/status")).json()
         assert status["gpus"][0]["planned"] == 8 * 2**30
         assert {r["name"] for r in status["resident"]} == {"tiny-a", "tiny-a-long"}
+
+
+async def test_discovery_reports_the_context_one_request_gets(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path) -> None:
+    """Two slots split ctx-size 4096: each request gets 2048, and every discovery route
+    says so (computed before the load, the child's own figure after it), so a client that
+    sizes its prompt from discovery fits, and one token more gets llama-server's 400."""
+    config = parse_config(json.dumps({
+        "listen": "127.0.0.1:0",
+        "state_dir": str(tmp_path / "state"),
+        "llama_server": {"command": str(llama_server_bin)},
+        "timeouts": {"start": "60s", "stop": "10s"},
+        "profiles": {
+            "tiny-b": {"model": str(tiny_models / "b.gguf"),
+                       "flags": {"ctx-size": 1024, "threads": 1}},
+            "split": {"model": str(tiny_models / "a.gguf"),
+                      "flags": {"ctx-size": 4096, "parallel": 2, "threads": 1}},
+        },
+    }))
+    async with open_server(config) as running:
+        sdk = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+
+        def discovered() -> dict[str, dict[str, object]]:
+            return {m.id: m.model_extra or {} for m in sdk.models.list()}
+
+        before = (await trio.to_thread.run_sync(discovered))["split"]
+        assert (before["context_length"], before["context_source"]) == (2048, "computed")
+
+        def complete(model: str, tokens: int) -> object:
+            return sdk.completions.create(model=model, max_tokens=1,
+                                          prompt=[300 + i % 200 for i in range(tokens)])
+
+        await trio.to_thread.run_sync(complete, "tiny-b", 8)
+        await trio.to_thread.run_sync(complete, "split", 8)  # a real swap: b -> split
+        assert running.supervisor.stats["swaps"] == 1
+        async with running.supervisor.lease("split") as lease:
+            child = (await lease.proc.client.get("/props")).json()
+        per_request = child["default_generation_settings"]["n_ctx"]
+        assert per_request == 2048  # what llama-server itself gives a slot
+
+        after = (await trio.to_thread.run_sync(discovered))["split"]
+        assert (after["context_length"], after["context_source"]) == (per_request, "live")
+        assert after["max_model_len"] == per_request
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            shown = (await client.post("/api/show", json={"model": "split"})).json()
+            assert shown["parameters"] == f"num_ctx {per_request}"
+            assert shown["model_info"]["llama.context_length"] == per_request
+            props = (await client.get("/props", params={"model": "split"})).json()
+            assert props["default_generation_settings"]["n_ctx"] == per_request
+            lm = {m["key"]: m for m in (await client.get("/api/v1/models")).json()["models"]}
+            assert lm["split"]["max_context_length"] == per_request
+            assert lm["split"]["loaded_instances"][0]["config"]["context_length"] == per_request
+            ps = (await client.get("/api/ps")).json()["models"]
+            assert [m["context_length"] for m in ps if m["name"] == "split"] == [per_request]
+
+        # The prompt that fits the advertised context (one token left for the answer)
+        # is served; one token more is refused by llama-server itself.
+        await trio.to_thread.run_sync(complete, "split", per_request - 1)
+        with pytest.raises(openai.BadRequestError, match="exceeds the available context"):
+            await trio.to_thread.run_sync(complete, "split", per_request)

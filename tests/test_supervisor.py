@@ -72,6 +72,9 @@ class FakeProc:
                               exit_code=self._fail_code, stderr_tail=list(self.tail))
         self.ready_at = self.last_heard = trio.current_time()  # it answered /health
 
+    async def slot_context(self) -> int | None:
+        return None  # what the child's /props says one request gets: unknown here
+
     async def answers_health(self, within: float) -> bool:
         self.probes += 1
         if self.hung:
