@@ -456,6 +456,8 @@ class Exchange:
     complete: bool = False  # the answer is whole: the connection may serve another
     keep_alive: bool = True
     lease: Any = None  # while it holds one
+    shape: progress.StreamShape = attrs.field(factory=progress.StreamShape)
+    """How this stream says what swapd has to say in-band (its API's shape)."""
     _wait: trio.CancelScope | None = None  # the wait in progress, if it is watched
 
     def __attrs_post_init__(self) -> None:
@@ -542,7 +544,7 @@ class Exchange:
                 if error is not None and self.stream and self.chunked:
                     # The upstream's own error, unchanged (a context overflow stays an
                     # exceed_context_size_error, whether the request waited or not).
-                    await self.end(progress.data({"error": error}) + progress.DONE)
+                    await self.end(self.shape.upstream_error(response.status_code, error))
                     return None
                 text = body.decode(errors="replace")
                 return f"{label} answered {response.status_code}: {text[:500]}"
@@ -582,7 +584,7 @@ class Exchange:
             await self.start(status, headers, length=len(body), body=body)
             self.complete = True
         elif self.stream and self.chunked and self.keep_alive:
-            await self.end(progress.error_event(message, type_, code))
+            await self.end(self.shape.error(status, message, type_, code))
         else:  # a plain body was half sent, or the stream cut mid-chunk: close it
             log.warning("%s", message)
             self.keep_alive = self.complete = False

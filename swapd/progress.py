@@ -5,9 +5,12 @@ What may go on the wire before the model's own stream (spec section 4):
 * SSE comments (``: swapd loading qwen``): every parser ignores them, and they keep
   proxies and clients from timing out;
 * complete ``chat.completion.chunk`` objects whose only payload is
-  ``delta.reasoning_content``: clients show it as "thinking" and never as the answer.
+  ``delta.reasoning_content``: clients show it as "thinking" and never as the answer
+  (chat completions only);
+* the API's own keep-alive (Anthropic's ``event: ping``) and, to end the stream, its
+  own error event (``StreamShape``).
 
-Never named ``event:`` lines, never other JSON, never text in ``content``. Every progress
+Never other named events, never other JSON, never text in ``content``. Every progress
 line starts with ``PREFIX``, so it can be stripped from the assistant messages a client
 sends back in the next turn (``strip_progress``).
 """
@@ -63,6 +66,89 @@ class ProgressStream:
 def error_event(message: str, type_: str, code: str) -> bytes:
     """The in-band error that ends a stream whose 200 was already sent."""
     return data({"error": {"message": message, "type": type_, "code": code}}) + DONE
+
+
+def event(name: str, obj: Any) -> bytes:
+    return b"event: " + name.encode() + b"\n" + data(obj)
+
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 504: "overloaded_error"}
+"""Anthropic's error ``type`` for an HTTP status (anything else: ``api_error``)."""
+
+
+class StreamShape:
+    """What swapd says on a waiting request's stream, in its API's own shape: a
+    keep-alive, an error that ends the stream, and (chat completions) progress lines.
+
+    Every parser skips an SSE comment, but an error must be an event the client's SDK
+    raises: the OpenAI SDKs raise on a ``data:`` object with ``error``; the Anthropic
+    SDK skips every event without a name and raises on ``event: error``; the Responses
+    API's clients read ``event: error`` with ``code`` and ``message``.
+    """
+
+    progress = False  # reasoning lines: only chat completions have a place for them
+
+    def keepalive(self, profile: str) -> bytes:
+        return comment(f"swapd loading {profile}")
+
+    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
+        return error_event(message, type_, code)
+
+    def upstream_error(self, status: int, error: dict[str, Any]) -> bytes:
+        """The upstream's own error object, unchanged where the shape allows."""
+        return data({"error": error}) + DONE
+
+
+class ChatShape(StreamShape):
+    progress = True
+
+
+class MessagesShape(StreamShape):
+    """Anthropic's Messages API: ``event: ping`` and ``event: error``."""
+
+    def keepalive(self, profile: str) -> bytes:
+        return event("ping", {"type": "ping"})
+
+    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
+        return event("error", {"type": "error", "error": {
+            "type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}})
+
+    def upstream_error(self, status: int, error: dict[str, Any]) -> bytes:
+        if "message" in error and isinstance(error.get("type"), str) and set(error) <= {
+                "type", "message"}:
+            return event("error", {"type": "error", "error": error})  # already Anthropic's
+        return self.error(status, str(error.get("message", error)), "", "")
+
+
+class ResponsesShape(StreamShape):
+    """OpenAI's Responses API: an ``error`` event with ``code`` and ``message``."""
+
+    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
+        return event("error", {"type": "error", "code": code, "message": message,
+                               "param": None, "sequence_number": 0})
+
+    def upstream_error(self, status: int, error: dict[str, Any]) -> bytes:
+        code = error.get("code")
+        return event("error", {"type": "error", "code": code if code is not None else
+                               error.get("type"), "message": error.get("message", ""),
+                               "param": error.get("param"), "sequence_number": 0})
+
+
+def shape_for(path: str) -> StreamShape | None:
+    """The shape of a streaming route that waits with an early 200, or None (it waits
+    without one: its errors stay HTTP statuses)."""
+    if path.endswith("/chat/completions"):
+        return ChatShape()
+    if path.endswith("/completions") or path == "/completion":
+        return StreamShape()
+    if path.endswith("/messages"):
+        return MessagesShape()
+    if path.endswith("/responses"):
+        return ResponsesShape()
+    return None
 
 
 def describe(status: dict[str, Any], profile: str) -> str:

@@ -85,6 +85,7 @@ class InferenceProxy:
                           retry_after=error.retry_after)
             return
         ex.payload, ex.stream = payload, payload.get("stream") is True
+        ex.shape = progress.shape_for(ex.request.path) or ex.shape  # errors in its own shape
         name = payload.get("model")
         ex.label = self.metrics.model_label(name)
         resolved = self.config.resolve(name) if name is not None else None
@@ -124,7 +125,7 @@ class InferenceProxy:
             lease = self.supervisor.refusal(profile)  # refused now: before any early 200
         if lease is None:
             with ex.waiting():  # the client leaving ends the wait, and its place in line
-                if ex.stream and ex.request.path.endswith("/chat/completions"):
+                if ex.stream and progress.shape_for(ex.request.path) is not None:
                     await ex.start(200, SSE_HEADERS)
                     lease = await self._acquire_with_progress(ex, profile, model)
                 else:
@@ -184,15 +185,15 @@ class InferenceProxy:
             line = chunks.reasoning(f"{model} can't start here; trying the fallbacks")
         else:
             line = None
-        if line is not None and self.config.progress.reasoning:
+        if line is not None and self.config.progress.reasoning and ex.shape.progress:
             await ex.body_part(line)
         return result[0]
 
     async def _send_progress(self, ex: Exchange, chunks: progress.ProgressStream,
                              profile: str) -> None:
         keepalive = self.config.progress.keepalive
-        reasoning = self.config.progress.reasoning
-        await ex.body_part(progress.comment(f"swapd loading {profile}"))
+        reasoning = self.config.progress.reasoning and ex.shape.progress
+        await ex.body_part(ex.shape.keepalive(profile))
         sent = trio.current_time()  # the last byte on the stream
         while True:
             changed = self.supervisor.next_change()  # before the send, so none is missed
@@ -208,7 +209,7 @@ class InferenceProxy:
                                  if reasoning else wake):
                 await changed.wait()
             if trio.current_time() >= sent + keepalive:
-                await ex.body_part(progress.comment(f"swapd loading {profile}"))
+                await ex.body_part(ex.shape.keepalive(profile))
                 sent = trio.current_time()
 
     async def _remote(self, ex: Exchange, fallbacks: Sequence[Fallback],

@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -116,3 +117,51 @@ async def test_a_bug_in_one_exchange_ends_its_connection_not_swapd(
         monkeypatch.undo()
         assert (await client.post("/v1/chat/completions", json=chat("a"))).status_code == 200
         assert "unexpected error" in caplog.text and "injected" in caplog.text
+
+
+async def test_anthropic_streams_wait_with_pings_and_end_with_their_own_error(
+        tmp_path: Path) -> None:
+    """A ``/v1/messages`` stream waits for its load with Anthropic's ``event: ping``
+    (not OpenAI chunks), and a start that fails ends it with ``event: error``, which
+    the Anthropic SDK raises: an OpenAI-shaped error it skipped, ending the answer
+    short with no exception."""
+    async with swapd(tmp_path, progress={"keepalive": "300ms"},
+                     b_flags={"fake-exit-at-start": 3, "fake-load-ms": 1000}) as (
+            running, client):
+        async with client.stream("POST", "/v1/messages", json={
+                "model": "b", "max_tokens": 8, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}) as response:
+            assert response.status_code == 200  # waited: the early 200
+            text = (await response.aread()).decode()
+        assert text.startswith("event: ping\ndata: {\"type\":\"ping\"}\n\n")
+        assert "reasoning_content" not in text and "\n: " not in text
+        assert "event: error\ndata: " in text and "overloaded_error" in text
+        sdk = anthropic.Anthropic(base_url=running.url, api_key="unused", max_retries=0)
+
+        def stream_b() -> None:
+            with sdk.messages.stream(model="b", max_tokens=8, messages=[
+                    {"role": "user", "content": "hi"}]) as stream:
+                for _text in stream.text_stream:
+                    pass
+
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            await trio.to_thread.run_sync(stream_b)
+        assert "exit" in str(caught.value) or "start" in str(caught.value)
+
+
+async def test_a_text_completion_stream_waits_with_keepalives(tmp_path: Path) -> None:
+    """``/v1/completions`` streams no longer sit silent for a whole load: an early 200,
+    SSE comments while b loads, then b's own stream (the SDK reads it unchanged)."""
+    async with swapd(tmp_path, progress={"keepalive": "300ms"},
+                     b_flags={"fake-load-ms": 1500}) as (running, client):
+        async with client.stream("POST", "/v1/completions", json={
+                "model": "b", "prompt": "x", "stream": True}) as response:
+            first = await response.aiter_raw().__anext__()
+        assert first.startswith(b": swapd loading b")
+        sdk = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+
+        def complete(model: str) -> str:
+            return "".join(chunk.choices[0].text for chunk in sdk.completions.create(
+                model=model, prompt="x", stream=True) if chunk.choices)
+
+        assert (await trio.to_thread.run_sync(complete, "a")).startswith("fake:a:")
