@@ -649,8 +649,9 @@ class FastPath:
             async with trio.open_nursery() as nursery:
                 conn = ClientConnection(stream, nursery)
                 try:
-                    with contextlib.suppress(ClientGone):
-                        await self._serve_requests(conn)
+                    await self._serve_requests(conn)
+                except* ClientGone:
+                    pass  # also from a task of the exchange (load progress): a group
                 finally:
                     nursery.cancel_scope.cancel()  # the watcher, if it runs
                     close_raw(conn.raw)

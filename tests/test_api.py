@@ -29,7 +29,7 @@ from swapd.config import parse_config
 from swapd.progress import PREFIX
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
-from tests.support.rawhttp import request_bytes
+from tests.support.rawhttp import exchange, request_bytes
 from tests.support.tiny_gguf import write_header_only
 
 
@@ -305,6 +305,23 @@ async def test_client_leaving_the_queue_does_not_cancel_the_load(tmp_path: Path)
             while running.supervisor.state.value != "ready":
                 await trio.sleep(0.02)
         assert running.supervisor.n_inflight == 0
+
+
+async def test_a_client_leaving_as_load_progress_streams_does_not_stop_swapd(
+        tmp_path: Path) -> None:
+    """The progress task's failed send reaches the connection as an exception group:
+    it must end that connection only, not the server."""
+    async with swapd(tmp_path) as (running, client):
+        port = int(running.url.rsplit(":", 1)[1])
+        for model in ("a", "b", "a"):  # a load, then swaps: each streams progress
+            answer = await exchange(port, request_bytes(  # the head, then it leaves
+                "POST", "/v1/chat/completions", body=json.dumps(chat(model, stream=True)
+                                                                ).encode()))
+            assert answer.streamed
+        with trio.fail_after(20):
+            while running.supervisor.state.value != "ready":
+                await trio.sleep(0.02)
+        assert (await client.get("/health")).status_code == 200
 
 
 async def test_progress_lines_are_stripped_from_returning_messages(tmp_path: Path) -> None:
