@@ -92,6 +92,13 @@ async def test_preflights_are_answered_without_a_key_on_every_route(
                     } <= set(allowed), path
             assert "POST" in values(pairs, "access-control-allow-methods")[0]
             assert int(values(pairs, "access-control-max-age")[0]) > 0
+        # Chromium's Private Network Access: a public page asking to reach this machine.
+        status, pairs, _ = await head_lines(port_of(running), request_bytes(
+            "OPTIONS", "/v1/chat/completions", [
+                ("origin", PAGE), ("access-control-request-method", "POST"),
+                ("access-control-request-private-network", "true")]))
+        assert status == 204
+        assert values(pairs, "access-control-allow-private-network") == ["true"]
         # An OPTIONS that is not a preflight is routed as before: it needs its key.
         status, _, _ = await head_lines(port_of(running), request_bytes("OPTIONS", "/v1/models"))
         assert status == 401
