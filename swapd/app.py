@@ -25,7 +25,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import __version__
+from . import __version__, cors
 from .auth import Keys, load_keys
 from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile, load_config
@@ -161,14 +161,39 @@ def create_app(frontend: Frontend) -> QuartTrio:
 
 def served_app(frontend: Frontend) -> Any:
     """The ASGI callable hypercorn serves: the Quart app, with the last send of every
-    answer shielded (``_shield_last_send`` says why)."""
+    answer shielded (``_shield_last_send`` says why) and CORS headers on every answer
+    to an allowed origin (``swapd/cors.py``)."""
     quart: Any = create_app(frontend)
+    cached: tuple[Config | None, cors.Policy] = (None, cors.Policy())
+
+    def cors_headers(scope: Any) -> list[tuple[bytes, bytes]]:
+        nonlocal cached
+        config = frontend.config
+        if cached[0] is not config:  # the first request, or one after a reload
+            cached = (config, cors.policy(config))
+        return cors.answer_headers(cached[1], scope["headers"])
 
     async def asgi(scope: Any, receive: Any, send: Any) -> None:
-        await quart(scope, receive, _shield_last_send(send) if scope["type"] == "http"
-                    else send)
+        if scope["type"] != "http":
+            await quart(scope, receive, send)
+            return
+        await quart(scope, receive, _with_headers(_shield_last_send(send),
+                                                  cors_headers(scope)))
 
     return asgi
+
+
+def _with_headers(send: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+    """``send``, with ``headers`` (CORS) added to the response head."""
+    if not headers:
+        return send
+
+    async def send_with_headers(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+
+    return send_with_headers
 
 
 def _shield_last_send(send: Any) -> Any:

@@ -391,6 +391,25 @@ def _read_names(value: object) -> tuple[str, ...]:
     return tuple(items)
 
 
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
+
+
+def _read_origins(value: object) -> tuple[str, ...]:
+    """``"*"``, or exact origins (``scheme://host[:port]``, no path), or ``null``."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise _Problem(f"expected a list of origins, got {_show(value)}",
+                       hint="write e.g. ['https://chat.example.com'], ['*'] or []")
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _Problem(f"expected text, got {_show(item)}", at=f"[{index}]")
+        if item not in ("*", "null") and not _ORIGIN.fullmatch(item):
+            raise _Problem(f"{item!r} is not an origin", at=f"[{index}]",
+                           hint="write scheme://host[:port] as the browser sends it, "
+                                "with no path or trailing slash, or '*'")
+    return tuple(item.lower() for item in items)  # as browsers send them
+
+
 def _read_env(value: object) -> FrozenDict[str, str]:
     """Variables added to the inherited environment; numbers become text."""
     if value is None:
@@ -504,6 +523,7 @@ EnvName = Annotated[str, _Reader(_env_name)]
 Env = Annotated[Mapping[str, str], _Reader(_read_env)]
 Flags = Annotated[Mapping[str, FlagValue], _Reader(_read_flags)]
 Names = Annotated[tuple[str, ...], _Reader(_read_names)]
+Origins = Annotated[tuple[str, ...], _Reader(_read_origins)]
 
 
 # --- converters for direct construction (tests, reload diffs) --------------------------
@@ -689,6 +709,15 @@ class Security:
 
 
 @attrs.frozen
+class Cors:
+    """Which web pages may call swapd from a browser (``swapd/cors.py``). None: ``*`` when
+    API keys are set, else pages served from this machine (loopback origins) only."""
+
+    allow_origins: Origins | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_str_tuple))
+
+
+@attrs.frozen
 class Memory:
     """GPU memory, for the per-profile estimate's verdict and the optional swap guard."""
 
@@ -806,6 +835,7 @@ class Config:
     progress: Progress = attrs.field(factory=Progress)
     logs: Logs = attrs.field(factory=Logs)
     security: Security = attrs.field(factory=Security)
+    cors: Cors = attrs.field(factory=Cors)
     cache: Cache = attrs.field(factory=Cache)
     memory: Memory = attrs.field(factory=Memory)
     gpus: tuple[Gpu, ...] = attrs.field(default=(), converter=_gpu_tuple)

@@ -37,7 +37,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from . import progress
+from . import cors, progress
 from .auth import path_problem
 from .config import Config
 from .upstream import ChildResponse, HttpxResponse, UpstreamError
@@ -66,8 +66,9 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 })
-_DROP_RESPONSE = HOP_BY_HOP | {b"server", b"content-length"}
-"""Never relayed from an upstream's head: swapd frames the body it sends itself."""
+_DROP_RESPONSE = HOP_BY_HOP | {b"server", b"content-length"} | cors.UPSTREAM_HEADERS
+"""Never relayed from an upstream's head: swapd frames the body it sends itself, and
+answers CORS itself (llama-server sends an empty ``Access-Control-Allow-Origin``)."""
 
 _HANDED_OFF_DROP = frozenset({b"connection", b"keep-alive", b"expect", b"transfer-encoding",
                               b"content-length", b"upgrade", b"http2-settings"})
@@ -128,6 +129,8 @@ class Request:
     http11: bool
     keep_alive: bool
     target: bytes  # as the client sent it
+    cors: list[tuple[bytes, bytes]] = attrs.field(factory=list)  # for every answer
+    preflight: bool = False  # a CORS preflight, answered by swapd itself
 
 
 class BodySource(Protocol):
@@ -498,6 +501,7 @@ class Exchange:
             self.keep_alive = False
         if not self.keep_alive:
             framing.append((b"connection", b"close"))
+        framing += self.request.cors
         self.status = status
         self.headers_sent = True
         if body and self.first_byte is None:
@@ -661,6 +665,7 @@ class FastPath:
         self._state: dict[str, Any] = {}  # the ASGI lifespan state, shared by requests
         self._idle: set[trio.CancelScope] = set()
         self.draining = False
+        self._cors: tuple[Config | None, cors.Policy] = (None, cors.Policy())
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Serve one client connection until it closes (or goes to hypercorn).
@@ -690,6 +695,11 @@ class FastPath:
 
     async def _serve_requests(self, conn: ClientConnection) -> None:
         while (request := await self._next_request(conn)) is not None:
+            if request.preflight:
+                if not await self._answer_preflight(conn, request):
+                    return
+                conn.next_cycle()
+                continue
             if not is_inference(request.method, request.path):
                 await self._hand_off(conn, request)
                 return
@@ -717,23 +727,57 @@ class FastPath:
                 self._idle.discard(idle)
         if request is None or idle.cancelled_caught:
             return None
+        policy = self._cors_policy()
+        if not policy.off:
+            request.cors = cors.answer_headers(policy, request.headers)
+        request.preflight = cors.is_preflight(request.method, request.headers)
         refusal = self._refusal(request)
         if refusal is not None:
-            await _refuse(conn, refusal)
+            await _refuse(conn, refusal, cors_headers=request.cors)
             return None
         return request
+
+    def _cors_policy(self) -> cors.Policy:
+        """The CORS policy of the config in force (worked out again after a reload)."""
+        config = self._config()
+        if self._cors[0] is not config:
+            self._cors = (config, cors.policy(config))
+        return self._cors[1]
+
+    async def _answer_preflight(self, conn: ClientConnection, request: Request) -> bool:
+        """204 with what the page may send, or 403 for an origin not allowed; no key is
+        needed (a browser never sends one on a preflight). Whether the connection may
+        serve another request."""
+        try:
+            body = await self.bodies.read(conn)  # a preflight has none; any is dropped
+        except RequestError as error:
+            await _refuse(conn, error)
+            return False
+        if body is None:
+            return False
+        headers = cors.preflight_headers(self._cors_policy(), request.headers)
+        if headers is None:
+            await _refuse(conn, RequestError(
+                403, "this page's origin may not call swapd: add it to cors.allow_origins",
+                "origin_not_allowed"), keep_alive=request.keep_alive)
+            return request.keep_alive
+        if not request.keep_alive:
+            headers.append((b"connection", b"close"))
+        await conn.send(response_head(204, headers))
+        return request.keep_alive
 
     def _refusal(self, request: Request) -> RequestError | None:
         """What every route refuses: a WebSocket upgrade (no route is one), a path any
         layer could read differently (before the key check, so both see one path), a
-        missing key. Other upgrades (h2c) are ignored: the answer is HTTP/1.1."""
+        missing key (a CORS preflight needs none). Other upgrades (h2c) are ignored:
+        the answer is HTTP/1.1."""
         if any(name == b"upgrade" and b"websocket" in value.lower()
                for name, value in request.headers):
             return RequestError(403, "swapd serves no WebSocket", "websocket_refused")
         problem = path_problem(request.path)
         if problem is not None:
             return RequestError(400, problem, "invalid_path")
-        if not self._allows(request.path, request.headers):
+        if not request.preflight and not self._allows(request.path, request.headers):
             return RequestError(401, "missing or invalid API key: send it as "
                                 "'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                                 "invalid_api_key")
@@ -744,7 +788,8 @@ class FastPath:
         try:
             body = await self.bodies.read(conn)
         except RequestError as error:
-            await _refuse(conn, error, keep_alive=request.keep_alive and conn.body_done)
+            await _refuse(conn, error, keep_alive=request.keep_alive and conn.body_done,
+                          cors_headers=request.cors)
             return request.keep_alive and conn.body_done
         if body is None:
             return False  # the client left before it finished sending
@@ -760,7 +805,7 @@ class FastPath:
         try:
             body = await self.bodies.read(conn)
         except RequestError as error:
-            await _refuse(conn, error)
+            await _refuse(conn, error, cors_headers=request.cors)
             return
         if body is None:
             return
@@ -813,9 +858,10 @@ class FastPath:
 
 
 async def _refuse(conn: ClientConnection, error: RequestError, keep_alive: bool = False,
-                  ) -> None:
-    """Answer a refused request with its JSON error; the connection closes unless told."""
-    headers = [_JSON]
+                  cors_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer a refused request with its JSON error; the connection closes unless told.
+    ``cors_headers``: the request's CORS headers, so that a page can read why."""
+    headers = [_JSON, *(cors_headers or ())]
     if error.retry_after is not None:
         headers.append((b"retry-after", b"%d" % error.retry_after))
     if error.status == 401:

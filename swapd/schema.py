@@ -124,6 +124,11 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
     "security.max_pending_bodies": "Memory for request bodies still arriving, all "
                                    "requests together; past it 503 with Retry-After. "
                                    "Default: twice max_body.",
+    "cors": "Which web pages (origins) may call swapd from a browser.",
+    "cors.allow_origins": "'*', or exact origins ('https://chat.example.com') echoed "
+                          "back with Vary: Origin; [] turns CORS off. Unset: '*' when "
+                          "API keys are set, else pages on this machine (localhost, "
+                          "127.0.0.1, [::1], any port) only.",
     "cache": "Warm return: prompt caches saved before a swap, restored after.",
     "cache.keep": "Save each profile's prompt caches before it is swapped out and restore "
                   "them when it comes back; a profile's keep_cache overrides this.",
@@ -241,6 +246,8 @@ _ENV: Schema = {
 }
 
 _NAME: Schema = {"type": "string", "pattern": f"^{cfg._NAME.pattern}$"}
+_ORIGIN: Schema = {"type": "string",  # cfg._ORIGIN, without Python's IGNORECASE flag
+                   "pattern": "^([*]|null|[A-Za-z][A-Za-z0-9+.-]*://[^/?#\\s]+)$"}
 
 _PORT: Schema = {"type": "integer", "minimum": 0, "maximum": 65535}
 
@@ -260,6 +267,7 @@ _READERS: Mapping[Any, Schema] = cfg.FrozenDict({
     cfg.Env: _ENV,
     cfg.Flags: _FLAGS,
     cfg.Names: {"anyOf": [_NAME, {"type": "array", "items": _NAME}]},
+    cfg.Origins: {"anyOf": [_ORIGIN, {"type": "array", "items": _ORIGIN}]},
 })
 """The shared field types of :mod:`swapd.config` (``Annotated`` aliases) and their schema."""
 
