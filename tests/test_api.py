@@ -245,6 +245,13 @@ async def test_queue_full_gives_429_with_retry_after(tmp_path: Path) -> None:
         full = await client.post("/v1/chat/completions", json=chat("b"))
         assert full.status_code == 429
         assert int(full.headers["retry-after"]) >= 1
+        # A streaming chat too: refused before its early 200, with the status and
+        # Retry-After, not a 200 and an in-band error.
+        async with client.stream("POST", "/v1/chat/completions",
+                                  json=chat("b", stream=True)) as streamed:
+            assert streamed.status_code == 429
+            assert int(streamed.headers["retry-after"]) >= 1
+            assert streamed.headers["content-type"] == "application/json"
         nursery.cancel_scope.cancel()
 
 

@@ -3,7 +3,6 @@ for a swap or not (issue 16, item 3), with the real ``openai`` client."""
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import anthropic
@@ -46,25 +45,6 @@ async def test_a_context_overflow_keeps_its_type_through_a_swap(tmp_path: Path) 
         with pytest.raises(openai.BadRequestError) as loaded:
             await trio.to_thread.run_sync(overflow, sdk, "b", True)
         assert loaded.value.type == "exceed_context_size_error"
-
-
-async def test_a_stream_that_cannot_wait_is_refused_before_its_200(tmp_path: Path) -> None:
-    """A full queue (or an open circuit) is known before the early 200 of a streaming
-    chat: the client gets the 429 with Retry-After as a status, not a 200 and an
-    in-band error."""
-    async with swapd(tmp_path, queue={"max_waiting": 1},
-                     a_flags={"fake-never-healthy": True}) as (running, client), \
-            trio.open_nursery() as nursery:
-        nursery.start_soon(partial(client.post, "/v1/chat/completions", json=chat("a")))
-        with trio.fail_after(10):
-            while running.supervisor.n_waiting < 1:
-                await trio.sleep(0.01)
-        async with client.stream("POST", "/v1/chat/completions",
-                                  json=chat("b", stream=True)) as full:
-            assert full.status_code == 429
-            assert int(full.headers["retry-after"]) >= 1
-            assert full.headers["content-type"] == "application/json"
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_open_circuit_refuses_a_stream_before_its_200(tmp_path: Path) -> None:
