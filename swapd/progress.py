@@ -174,9 +174,14 @@ def describe(status: dict[str, Any], profile: str) -> str:
         return f"loading {profile} ({elapsed:.0f}s so far, first load: no estimate yet)"
     if active == profile and state == "ready":
         return f"{profile} is ready"
+    ahead = sum(n for name, n in status["waiting"].items() if name != profile)
+    loading = [row["name"] for row in status.get("resident") or ()
+               if row.get("state") == "starting" and row.get("name") != profile]
+    if loading:  # another model loads first: a stop meanwhile is for its room, not ours
+        return (f"queued for {profile}: {loading[0]} is loading for other requests "
+                f"({ahead} waiting ahead)")
     if state == "stopping" and active:
         return f"stopping {active} to load {profile}"
-    ahead = sum(n for name, n in status["waiting"].items() if name != profile)
     if active and state in ("ready", "starting"):
         doing = "serving other requests" if state == "ready" else "loading for other requests"
         return f"queued for {profile}: {active} is {doing} ({ahead} waiting ahead)"

@@ -422,6 +422,22 @@ def test_progress_describes_the_waited_for_model_while_several_load() -> None:
     assert describe(status, "b") == "loading b: 50% (ready in ~1s)"
 
 
+def test_progress_does_not_say_a_stop_is_for_this_model_while_another_loads() -> None:
+    """slow (the most recently used) stops while alpha loads, for other requests; beta
+    waits behind alpha. The line used to say "stopping slow to load beta"."""
+    from swapd.progress import describe
+    status = {"state": "stopping", "active": "slow", "waiting": {"alpha": 2, "beta": 1},
+              "phase": None, "load_elapsed": None, "load_expected": None,
+              "resident": [{"name": "slow", "state": "stopping"},
+                           {"name": "alpha", "state": "starting", "load_elapsed": 1.0,
+                            "load_expected": None}]}
+    assert describe(status, "beta") == (
+        "queued for beta: alpha is loading for other requests (2 waiting ahead)")
+    # with nothing else loading, the stop is the one this request waits for
+    status["resident"] = [{"name": "slow", "state": "stopping"}]
+    assert describe(status, "beta") == "stopping slow to load beta"
+
+
 async def test_two_models_that_fit_load_at_the_same_time(tmp_path: Path,
                                                          autojump_clock: Any) -> None:
     launcher = FakeLauncher(load_time=5.0)
