@@ -294,10 +294,10 @@ class ClientConnection:
         if len(raw) > MAX_HEAD_BYTES:  # h11 limits only a head still incomplete
             raise RequestError(431, f"request head over {MAX_HEAD_BYTES} bytes",
                                "head_too_large")
-        problem = _framing_problem(raw, [name for name, _ in headers])
+        names = [name for name, _ in headers]
+        problem = _framing_problem(raw, names)
         if problem is not None:
             raise RequestError(400, problem, "bad_request")
-        names = [name for name, _ in headers]
         self.declared_length = next(
             (int(value) for name, value in headers if name == b"content-length"), None)
         self.body_done = self.declared_length == 0 or (

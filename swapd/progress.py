@@ -63,11 +63,6 @@ class ProgressStream:
         })
 
 
-def error_event(message: str, type_: str, code: str) -> bytes:
-    """The in-band error that ends a stream whose 200 was already sent."""
-    return data({"error": {"message": message, "type": type_, "code": code}}) + DONE
-
-
 def event(name: str, obj: Any) -> bytes:
     return b"event: " + name.encode() + b"\n" + data(obj)
 
@@ -95,7 +90,8 @@ class StreamShape:
         return comment(f"swapd loading {profile}")
 
     def error(self, status: int, message: str, type_: str, code: str) -> bytes:
-        return error_event(message, type_, code)
+        """The in-band error that ends a stream whose 200 was already sent."""
+        return data({"error": {"message": message, "type": type_, "code": code}}) + DONE
 
     def upstream_error(self, status: int, error: dict[str, Any]) -> bytes:
         """The upstream's own error object, unchanged where the shape allows."""

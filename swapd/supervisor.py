@@ -560,15 +560,9 @@ class Supervisor:
         The same grant as the loop's, made in the caller's task: nothing here awaits, so
         no other task sees the state half changed (trio runs one task at a time).
         """
-        if self._shutting_down:
-            return None
-        if name is None:
-            child = self._current()
-        else:
-            profile = self.config.resolve(name)
-            child = self._children.get(profile.name) if isinstance(profile, Profile) else None
-        if child is None or not self._can_grant(child) or (
-                name is None and child.name not in self.config.profiles):
+        profile = self._target(name)
+        child = self._children.get(profile.name) if isinstance(profile, Profile) else None
+        if child is None or not self._can_grant(child):
             return None
         return self._new_lease(child)
 

@@ -204,14 +204,18 @@ async def send_all(raw: socket.socket, data: bytes) -> None:
     A cancel may stop the write only before its first byte: a message cut halfway would
     leave the connection's framing broken (a progress line cut by the lease arriving).
     The rest of a begun write goes out shielded, within ``FINISH_SEND_TIMEOUT``; past
-    that ``trio.BrokenResourceError``. A broken connection raises ``OSError``.
+    that ``trio.BrokenResourceError``. A broken connection raises ``OSError``; a client
+    that reads nothing breaks it after ``timeouts.send`` (``TCP_USER_TIMEOUT`` on the
+    listening socket), which bounds the wait for a first byte to go.
     """
-    sent = send_some(raw, data)
-    if sent == len(data):
+    if not data:
         return
+    sent = send_some(raw, data)
     while not sent:  # nothing written yet: a cancel may still stop the write here
         await trio.lowlevel.wait_writable(raw)
         sent = send_some(raw, data)
+    if sent == len(data):
+        return
     view = memoryview(data)[sent:]
     with trio.CancelScope(shield=True) as scope:
         scope.relative_deadline = FINISH_SEND_TIMEOUT
