@@ -170,23 +170,28 @@ class InferenceProxy:
                                      model: str) -> Lease | LeaseError:
         chunks = progress.ProgressStream(model)
         result: list[Lease | LeaseError] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._send_progress, ex, chunks, profile or model)
-            try:
-                result.append(await self.supervisor.acquire(profile))
-            except LeaseError as error:
-                result.append(error)
-            nursery.cancel_scope.cancel()
-        # The last line is said here, not by the progress task (cancelled as soon as
-        # the lease came, its last line could be lost).
-        if isinstance(result[0], Lease):
-            line = chunks.reasoning(f"{result[0].profile.name} is ready")
-        elif isinstance(result[0], LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
-            line = chunks.reasoning(f"{model} can't start here; trying the fallbacks")
-        else:
-            line = None
-        if line is not None and self.config.progress.reasoning and ex.shape.progress:
-            await ex.body_part(line)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_progress, ex, chunks, profile or model)
+                try:
+                    result.append(await self.supervisor.acquire(profile))
+                except LeaseError as error:
+                    result.append(error)
+                nursery.cancel_scope.cancel()
+            # The last line is said here, not by the progress task (cancelled as soon
+            # as the lease came, its last line could be lost).
+            if isinstance(result[0], Lease):
+                line = chunks.reasoning(f"{result[0].profile.name} is ready")
+            elif isinstance(result[0], LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
+                line = chunks.reasoning(f"{model} can't start here; trying the fallbacks")
+            else:
+                line = None
+            if line is not None and self.config.progress.reasoning and ex.shape.progress:
+                await ex.body_part(line)
+        except BaseException:  # a progress write failed (the client left) or a cancel
+            if result and isinstance(result[0], Lease):  # not yet the caller's to return
+                await self.supervisor.release(result[0])
+            raise
         return result[0]
 
     async def _send_progress(self, ex: Exchange, chunks: progress.ProgressStream,

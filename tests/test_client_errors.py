@@ -145,3 +145,28 @@ async def test_a_text_completion_stream_waits_with_keepalives(tmp_path: Path) ->
                 model=model, prompt="x", stream=True) if chunk.choices)
 
         assert (await trio.to_thread.run_sync(complete, "a")).startswith("fake:a:")
+
+
+async def test_a_client_gone_as_its_lease_arrives_gives_the_lease_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease came, then the write of the "b is ready" line fails (the client left
+    just then): the lease must go back, not stay held by an exchange that ended."""
+    from swapd.fastpath import ClientGone, Exchange
+
+    body_part = Exchange.body_part
+
+    async def leaves_at_ready(self: Exchange, data: bytes) -> None:
+        if b"is ready" in data:
+            raise ClientGone
+        await body_part(self, data)
+
+    monkeypatch.setattr(Exchange, "body_part", leaves_at_ready)
+    async with swapd(tmp_path) as (running, client):
+        with pytest.raises(httpx.HTTPError):
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json=chat("b", stream=True)) as response:
+                await response.aread()
+        assert running.supervisor.profile_state("b").value == "ready"
+        with trio.fail_after(5):
+            while running.supervisor.n_inflight:
+                await trio.sleep(0.01)
