@@ -461,6 +461,8 @@ class Exchange:
     lease: Any = None  # while it holds one
     shape: progress.StreamShape = attrs.field(factory=progress.StreamShape)
     """How this stream says what swapd has to say in-band (its API's shape)."""
+    one_id: progress.OneId | None = None
+    """Set once a progress chunk went out: the model's chunks then take its id."""
     _wait: trio.CancelScope | None = None  # the wait in progress, if it is watched
 
     def __attrs_post_init__(self) -> None:
@@ -552,12 +554,14 @@ class Exchange:
                     return None
                 text = body.decode(errors="replace")
                 return f"{label} answered {response.status_code}: {text[:500]}"
-            elif self.chunked and isinstance(response, ChildResponse) and response.chunked:
+            elif self.chunked and isinstance(response, ChildResponse) and response.chunked \
+                    and self.one_id is None:
                 await self._pipe(response)
                 return None
+            same = self.one_id or (lambda data: data)
             while data := await response.next_data():
-                await self.body_part(data)
-            await self.end()
+                await self.body_part(same(data))
+            await self.end(self.one_id.flush() if self.one_id else b"")
         except UpstreamError as error:
             if isinstance(response, ChildResponse) and not response.at_boundary:
                 self.keep_alive = False  # cut inside a chunk: nothing more can follow

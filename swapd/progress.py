@@ -11,19 +11,33 @@ What may go on the wire before the model's own stream (spec section 4):
   own error event (``StreamShape``).
 
 Never other named events, never other JSON, never text in ``content``. Every progress
-line starts with ``PREFIX``, so it can be stripped from the assistant messages a client
-sends back in the next turn (``strip_progress``).
+line starts with ``PREFIX`` and ends with ``END`` (an invisible word joiner, which no
+client's trim removes), so ``strip_progress`` removes exactly swapd's lines from what a
+client sends back, wherever it put them (``reasoning_content``, ``<think>`` in
+``content``, ``reasoning_details``, Responses reasoning items, Anthropic thinking) and
+however it joined the deltas, and never a character of the model's own text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
 
 PREFIX = "[swapd] "
+END = "\u2060"
+"""Ends each progress line: a word joiner (U+2060) shows as nothing, is no whitespace to
+any trim, and cannot occur in the line's own text (``ProgressStream.reasoning``)."""
 _PREFIX_BYTES = PREFIX.strip().encode()
+_LINE = re.compile(re.escape(PREFIX) + "(?:(?!" + re.escape(PREFIX) + ")[^" + END + "\n])*"
+                   + END + "\n?")
+"""One progress line as a client sends it back, with or without its newline: from the
+last ``PREFIX`` before an ``END`` (the model may write "[swapd] " itself)."""
+_THINK_OF_LINES = re.compile("<think>\\s*(?:" + _LINE.pattern + "\\s*)+</think>\\s*")
+"""A ``<think>`` block that holds nothing but progress (a client merged reasoning into
+``content``): swapd's, so it goes whole."""
 
 DONE = b"data: [DONE]\n\n"
 
@@ -34,6 +48,11 @@ def comment(text: str) -> bytes:
 
 def data(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def line(text: str) -> str:
+    """``text`` as one progress line, marked so it can be removed exactly."""
+    return PREFIX + text + END + "\n"
 
 
 class ProgressStream:
@@ -47,6 +66,8 @@ class ProgressStream:
 
     def reasoning(self, text: str) -> bytes | None:
         """A chunk saying ``text`` as reasoning, or None if it says nothing new."""
+        # One line, ended only by END, with no PREFIX inside (see _LINE).
+        text = text.replace(END, "").replace("\n", " ").replace(PREFIX, "(swapd) ")
         if text == self._last_text:
             return None
         self._last_text = text
@@ -57,10 +78,60 @@ class ProgressStream:
             "model": self.model,
             "choices": [{
                 "index": 0,
-                "delta": {"role": "assistant", "reasoning_content": PREFIX + text + "\n"},
+                "delta": {"role": "assistant", "reasoning_content": line(text)},
                 "finish_reason": None,
             }],
         })
+
+
+class OneId:
+    """Gives the model's chunks the id the client already has from the progress chunks.
+
+    Every client takes a stream's id from its first chunk (the SDKs' stream
+    accumulators, the AI SDK's response metadata; litellm even forces it onto every
+    chunk), and the model's own id does not exist until the model answers. So a stream
+    that waited keeps one id from first chunk to last: the model's id is replaced by
+    swapd's, event by event, and nothing else in an event changes.
+    """
+
+    def __init__(self, new: str) -> None:
+        self._new = f'"id":"{new}"'.encode()
+        self._old: re.Pattern[bytes] | None = None
+        self._held = b""  # the part of an event still to come
+
+    def __call__(self, data: bytes) -> bytes:
+        """The whole events of ``data`` (with those held), ids replaced; the rest held."""
+        data = self._held + data
+        end = max((at + len(sep) for sep in (b"\n\n", b"\r\n\r\n")
+                   if (at := data.rfind(sep)) >= 0), default=0)
+        data, self._held = data[:end], data[end:]
+        return self._replaced(data) if data else b""
+
+    def flush(self) -> bytes:
+        """What is held when the body ends (a stream cut inside an event)."""
+        data, self._held = self._held, b""
+        return self._replaced(data)
+
+    def _replaced(self, data: bytes) -> bytes:
+        if self._old is None:
+            self._old = _first_id(data)
+            if self._old is None:
+                return data
+        return self._old.sub(self._new, data)
+
+
+def _first_id(events: bytes) -> re.Pattern[bytes] | None:
+    """The first chunk's ``"id": "..."`` in ``events``, as a pattern; None if none yet."""
+    for event in events.splitlines():
+        if event.startswith(b"data:") and event[5:].strip().startswith(b"{"):
+            try:
+                value = json.loads(event[5:]).get("id")
+            except (ValueError, AttributeError):
+                return None
+            if not isinstance(value, str) or not value:
+                return None
+            return re.compile(rb'"id"\s*:\s*"' + re.escape(value.encode()) + rb'"')
+    return None
 
 
 def event(name: str, obj: Any) -> bytes:
@@ -127,8 +198,8 @@ class ResponsesShape(StreamShape):
                                "param": None, "sequence_number": 0})
 
     def upstream_error(self, status: int, error: dict[str, Any]) -> bytes:
-        code = error.get("code")
-        return event("error", {"type": "error", "code": code if code is not None else
+        code = error.get("code")  # a string here; llama-server's is the HTTP status
+        return event("error", {"type": "error", "code": code if isinstance(code, str) else
                                error.get("type"), "message": error.get("message", ""),
                                "param": error.get("param"), "sequence_number": 0})
 
@@ -181,29 +252,47 @@ def describe(status: dict[str, Any], profile: str) -> str:
     if active and state in ("ready", "starting"):
         doing = "serving other requests" if state == "ready" else "loading for other requests"
         return f"queued for {profile}: {active} is {doing} ({ahead} waiting ahead)"
-    return f"queued for {profile}"
+    if ahead:
+        return f"queued for {profile} ({ahead} waiting ahead)"
+    return f"starting {profile}"  # nothing ahead: its start is next (or failing now)
 
 
 def strip_progress(payload: dict[str, Any]) -> bool:
-    """Remove swapd's progress lines from assistant messages sent back; True if changed."""
+    """Remove swapd's progress lines from what a client sends back; True if changed.
+
+    Only the model's turns are looked at (chat and Anthropic ``messages`` from the
+    assistant, Responses ``input`` items from the assistant or of type ``reasoning``),
+    every string in them, at any depth. A field that held only progress stays, empty:
+    some APIs reject an assistant turn without its ``reasoning_content``.
+    """
+    turns: list[Any] = []
+    for key in ("messages", "input"):
+        items = payload.get(key)
+        if isinstance(items, list):
+            turns += [item for item in items if isinstance(item, dict) and (
+                item.get("role") == "assistant" or item.get("type") == "reasoning")]
     changed = False
-    messages = payload.get("messages")
-    if not isinstance(messages, list):
-        return False  # not a chat body: nothing of swapd's to strip
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") != "assistant":
-            continue
-        for key in ("reasoning_content", "reasoning"):
-            value = message.get(key)
-            if isinstance(value, str) and PREFIX in value:
-                kept = "\n".join(line for line in value.split("\n")
-                                 if not line.startswith(PREFIX)).strip("\n")
-                if kept:
-                    message[key] = kept
-                else:
-                    del message[key]
-                changed = True
+    stack: list[dict[str, Any] | list[Any]] = turns
+    while stack:  # by hand, not recursion: a client's JSON may nest a thousand deep
+        node = stack.pop()
+        keys: Any = node.keys() if isinstance(node, dict) else range(len(node))
+        for key in keys:
+            value = node[key]
+            if isinstance(value, str):
+                if PREFIX in value and (kept := without_progress(value)) != value:
+                    node[key] = kept
+                    changed = True
+            elif isinstance(value, dict | list):
+                stack.append(value)
     return changed
+
+
+def without_progress(text: str) -> str:
+    """``text`` without swapd's progress lines, and without a ``<think>`` block that
+    held nothing else."""
+    if "<think>" in text:
+        text = _THINK_OF_LINES.sub("", text)
+    return _LINE.sub("", text)
 
 
 def may_carry_progress(body: bytes) -> bool:

@@ -181,13 +181,13 @@ class InferenceProxy:
             # The last line is said here, not by the progress task (cancelled as soon
             # as the lease came, its last line could be lost).
             if isinstance(result[0], Lease):
-                line = chunks.reasoning(f"{result[0].profile.name} is ready")
+                line = f"{result[0].profile.name} is ready"
             elif isinstance(result[0], LocalFailed | CircuitOpen | WontFit) and self.fallbacks:
-                line = chunks.reasoning(f"{model} can't start here; trying the fallbacks")
+                line = f"{model} can't start here; trying the fallbacks"
             else:
                 line = None
             if line is not None and self.config.progress.reasoning and ex.shape.progress:
-                await ex.body_part(line)
+                await _say(ex, chunks, line)
         except BaseException:  # a progress write failed (the client left) or a cancel
             if result and isinstance(result[0], Lease):  # not yet the caller's to return
                 await self.supervisor.release(result[0])
@@ -202,11 +202,9 @@ class InferenceProxy:
         sent = trio.current_time()  # the last byte on the stream
         while True:
             changed = self.supervisor.next_change()  # before the send, so none is missed
-            if reasoning:
-                chunk = chunks.reasoning(progress.describe(self.supervisor.status(), profile))
-                if chunk is not None:
-                    await ex.body_part(chunk)
-                    sent = trio.current_time()
+            if reasoning and await _say(
+                    ex, chunks, progress.describe(self.supervisor.status(), profile)):
+                sent = trio.current_time()
             # Each second the line is looked at again (its ETA moves); a keep-alive only
             # when the stream has been silent for progress.keepalive.
             wake = sent + keepalive
@@ -261,6 +259,16 @@ class InferenceProxy:
         local = f"{reason}; " if reason else ""
         await ex.fail(503, f"{local}fallbacks tried: {describe(tried)}", "server_error",
                       "unavailable")
+
+
+async def _say(ex: Exchange, chunks: progress.ProgressStream, text: str) -> bool:
+    """Send ``text`` as a progress line if it says something new; True if it did."""
+    chunk = chunks.reasoning(text)
+    if chunk is None:
+        return False
+    ex.one_id = ex.one_id or progress.OneId(chunks.id)  # the model's chunks take this id
+    await ex.body_part(chunk)
+    return True
 
 
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"

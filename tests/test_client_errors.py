@@ -11,7 +11,8 @@ import openai
 import pytest
 import trio
 
-from tests.test_api import PREFIX, chat, sse_events, swapd
+from swapd.progress import line
+from tests.test_api import chat, sse_events, swapd
 
 LONG = " ".join(["word"] * 5000)
 """A prompt longer than profile b's ctx-size (4096): the fake refuses it as llama-server
@@ -76,7 +77,7 @@ async def test_a_waiting_stream_says_ready_last_and_keeps_alive_at_its_setting(
     assert [c for c in comments if "swapd loading" in c] == [": swapd loading b"]
     lines = [chunk["choices"][0]["delta"]["reasoning_content"] for chunk in data[:-1]
              if "reasoning_content" in chunk["choices"][0]["delta"]]
-    assert lines[-1] == PREFIX + "b is ready\n"
+    assert lines[-1] == line("b is ready")
 
 
 async def test_a_bug_in_one_exchange_ends_its_connection_not_swapd(
