@@ -155,6 +155,9 @@ async def test_junk_gets_llamacpp_errors_never_a_500(tmp_path: Path) -> None:
             answer = await client.get(path)
             assert answer.status_code == 405 and "POST" in answer.headers["allow"]
         assert (await client.post("/models/sse")).status_code == 405
+        # llama.cpp's download and delete: swapd's models are its profiles.
+        assert (await client.post("/models", json={"model": "org/x:Q4"})).status_code == 405
+        assert (await client.delete("/models", params={"model": "a"})).status_code == 405
         assert running.supervisor.proc is None and not running.supervisor.children()
 
 
