@@ -25,7 +25,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import __version__, cors
+from . import __version__, cors, llama_router
 from .auth import Keys, load_keys
 from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile, load_config
@@ -35,7 +35,7 @@ from .fastpath import NATIVE_POSTS, RequestError, error_body
 from .metrics import Metrics
 from .process import ChildLog
 from .proxy import parse_json_object
-from .supervisor import Supervisor
+from .supervisor import State, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,16 @@ class Frontend:
         state = self.supervisor.profile_state(name).value
         return {"ready": "loaded", "starting": "loading"}.get(state, "unloaded")
 
+    def router_status(self, name: str) -> dict[str, Any]:
+        """``status_of`` as llama.cpp's router lists it: an object, with the exit code
+        of a failed profile's last start or child (``llama_router.status_object``)."""
+        sup = self.supervisor
+        if sup.profile_state(name) is not State.FAILED:
+            return llama_router.status_object(self.status_of(name))
+        error = sup.last_error
+        code = error.exit_code if error is not None and error.profile == name else None
+        return llama_router.status_object(self.status_of(name), failed=True, exit_code=code)
+
 
 def create_app(frontend: Frontend) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
@@ -137,6 +147,7 @@ def create_app(frontend: Frontend) -> QuartTrio:
                       MAX_CONTENT_LENGTH=frontend.config.security.max_body)
     _discovery_routes(app, frontend)
     _operations_routes(app, frontend)
+    _llama_router_routes(app, frontend)
     _page_routes(app)
     _inference_routes(app)
 
@@ -314,9 +325,14 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
             "context_length": n_ctx,  # per request: what one prompt plus answer may use
             "context_source": source,
             "max_model_len": n_ctx,
-            "status": fe.status_of(entry.name),
+            "status": fe.router_status(entry.name),  # llama.cpp's router: an object
             "meta": {"n_ctx": n_ctx, "size": entry.file_size},
             "memory": fe.memory(entry),
+            # llama.cpp's router fields, for its clients (Open WebUI, its web UI).
+            "tags": [],
+            "architecture": llama_router.architecture(profile),
+            "source": "preset",
+            "can_remove": False,
         }
 
     async def list_models() -> Response:
@@ -633,6 +649,102 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
                     yield b"data: " + json.dumps(
                         {"seq": event.seq, "at": event.at, "kind": event.kind, **event.data}
                     ).encode() + b"\n\n"
+
+        return _sse(stream())
+
+
+def _llama_router_routes(app: QuartTrio, fe: Frontend) -> None:
+    """llama.cpp's router API (``swapd/llama_router.py``): its answers and errors."""
+
+    def llama_error(status: int, message: str) -> Response:
+        return Response(llama_router.error_body(status, message), status=status,
+                        mimetype="application/json")
+
+    async def named_profile() -> Profile | str | Response:
+        """The profile the body's ``model`` names; the name if none; or the error."""
+        body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+        try:
+            name = llama_router.model_field(parse_json_object(body))
+        except RequestError as error:
+            return llama_error(400, str(error))
+        resolved = fe.config.resolve(name) if name else None
+        return resolved if isinstance(resolved, Profile) else name
+
+    def not_found(name: str) -> str:
+        what = f"{_shown(name)!r} is not configured" if name else (
+            "name it in the body: {\"model\": \"NAME\"}")
+        return f"model is not found: {what}; available: {', '.join(fe.config.model_names())}"
+
+    @app.route("/models/load", methods=["POST"])
+    async def router_load() -> Response:
+        # llama.cpp answers at once; the load goes on, reported on /models/sse.
+        profile = await named_profile()
+        if isinstance(profile, Response):
+            return profile
+        if isinstance(profile, str):
+            return llama_error(404, not_found(profile))
+        status = fe.status_of(profile.name)
+        if status in ("loaded", "loading"):
+            return llama_error(400, f"model is already running: {profile.name!r} is {status}")
+        refusal = await fe.supervisor.load(profile.name)
+        if refusal is not None:
+            return llama_error(refusal.status, str(refusal))
+        return _json({"success": True})
+
+    @app.route("/models/unload", methods=["POST"])
+    async def router_unload() -> Response:
+        # Like llama.cpp's: answered once the stop is asked for, reported on /models/sse.
+        profile = await named_profile()
+        if isinstance(profile, Response):
+            return profile
+        if isinstance(profile, str):  # llama.cpp says 400 here, 404 on a load
+            return llama_error(400, not_found(profile))
+        status = fe.status_of(profile.name)
+        if status not in ("loaded", "loading"):
+            return llama_error(400, f"model is not running: {profile.name!r} is {status}")
+        try:
+            await fe.supervisor.unload(profile.name, wait=False)
+        except LeaseError as error:
+            return llama_error(error.status, str(error))
+        return _json({"success": True})
+
+    @app.route("/models/sse")
+    async def router_events() -> Response:
+        sup = fe.supervisor
+        # Taken before the answer starts: a client that subscribes, then loads, sees
+        # every record of that load.
+        start = sup.events[-1].seq if sup.events else 0
+
+        async def stream() -> AsyncIterator[bytes]:
+            seen, quiet_since = start, trio.current_time()
+            while True:
+                fresh = [e for e in sup.events if e.seq > seen]
+                if fresh:  # look before waiting (see /swapd/events)
+                    for event in fresh:
+                        seen = event.seq
+                        for record in llama_router.records(event):
+                            yield llama_router.sse(record)
+                        if event.kind == "shutdown":
+                            return
+                    quiet_since = trio.current_time()
+                    continue
+                loading = [name for name in fe.catalog if fe.status_of(name) == "loading"]
+                with trio.move_on_after(llama_router.PROGRESS_INTERVAL if loading
+                                        else SSE_KEEPALIVE) as waited:
+                    await sup.wait_changed()
+                if not waited.cancelled_caught:
+                    continue
+                sent = False
+                for name in loading:
+                    value = llama_router.fraction(*sup.load_progress(name))
+                    if value is not None and fe.status_of(name) == "loading":
+                        yield llama_router.sse(llama_router.progress_record(name, value))
+                        sent = True
+                if sent:
+                    quiet_since = trio.current_time()
+                elif trio.current_time() - quiet_since >= SSE_KEEPALIVE:
+                    yield b": keepalive\n\n"
+                    quiet_since = trio.current_time()
 
         return _sse(stream())
 

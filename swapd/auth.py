@@ -8,8 +8,11 @@ sends one as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
 * ``security.api_key_*``: required on every endpoint except ``/health`` (liveness
   probes and load balancers must not need a secret) and the status page's static
   files (``/``, ``/ui/...``: they hold no data; the page sends the key with its calls).
-* ``security.admin_key_*``: required on ``/swapd/*`` and ``/metrics``; when only API
-  keys are set, those endpoints take an API key like any other.
+* ``security.admin_key_*``: required on ``/swapd/*``, ``/metrics`` and llama.cpp's
+  model management under ``/models/`` (load, unload, its event feed: the powers of
+  ``/swapd/load``, ``/swapd/unload`` and ``/swapd/events``); when only API keys are
+  set, those endpoints take an API key like any other. The model list ``/models``
+  itself is an API route, like ``/v1/models``.
 
 Which key a request needs is decided on its path, so that path must be the one the
 router dispatches on. Werkzeug's router merges slashes (``//swapd/status`` is
@@ -32,7 +35,7 @@ from .config import Security
 from .errors import ConfigError
 
 OPEN_PATHS = frozenset({"/health", "/"})
-ADMIN_PREFIXES = ("/swapd/", "/metrics")
+ADMIN_PREFIXES = ("/swapd/", "/metrics", "/models/")
 
 _MAX_SHOWN = 200
 """Characters of a refused path quoted back in the error message."""

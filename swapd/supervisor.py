@@ -287,6 +287,14 @@ class Unload:
 
 
 @attrs.frozen
+class Load:
+    """Load a model without holding it: an internal want, like a preload's."""
+
+    name: str
+    reply: trio.MemorySendChannel[LeaseError | None]
+
+
+@attrs.frozen
 class Kill:
     """Kill every child now (a second SIGTERM): a stop, not a crash."""
 
@@ -367,7 +375,7 @@ Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
                     process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
-Message = (Acquire | Release | Withdraw | Unload | Kill | Shutdown | Reload | Checked
+Message = (Acquire | Release | Withdraw | Unload | Load | Kill | Shutdown | Reload | Checked
            | Sized | StartDone | Measured | Phase | Stopped | Exited | Hung)
 
 
@@ -615,11 +623,28 @@ class Supervisor:
             self._timer.deadline = min(self._timer.deadline, self._next_deadline())
         return True
 
-    async def unload(self, name: str | None = None) -> bool:
+    async def load(self, name: str) -> LeaseError | None:
+        """Have ``name`` loaded without waiting for it or holding it (llama.cpp's
+        ``POST /models/load``): the load is published like any other (``starting``,
+        ``ready`` or ``start_failed``), and the model idles like a preloaded one.
+
+        Returns why the loop refuses it at once (no such profile, its circuit is open,
+        swapd is shutting down), else None.
+        """
+        reply_send, reply_receive = trio.open_memory_channel[LeaseError | None](1)
+        try:
+            await self._send.send(Load(name, reply_send))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return ShuttingDown()
+        return await reply_receive.receive()  # always answered, by the loop or its exit
+
+    async def unload(self, name: str | None = None, *, wait: bool = True) -> bool:
         """Stop a model (``name``) or every resident one but the pinned (None) once
         their in-flight requests are done.
 
         Bounded by the drain, the stop grace and a cache save; False if that passed.
+        With ``wait=False`` it returns once the loop has the command (llama.cpp's
+        ``POST /models/unload``; the stop is published as it happens).
         Raises ``UnknownModel`` for a name no profile has.
         """
         if name is not None:
@@ -632,6 +657,8 @@ class Supervisor:
             await self._send.send(Unload(done, name))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
+        if not wait:
+            return done.is_set()
         with trio.move_on_after(self.unload_timeout):
             await done.wait()
         return done.is_set()
@@ -833,6 +860,8 @@ class Supervisor:
                         reply.send_nowait(ShuttingDown())
                     case Unload(done):
                         done.set()
+                    case Load(_, reply):
+                        reply.send_nowait(ShuttingDown())
 
     def _handle(self, message: Message) -> None:
         match message:
@@ -844,6 +873,8 @@ class Supervisor:
                 self._on_withdraw(waiter)
             case Unload(done, name):
                 self._on_unload(done, name)
+            case Load(name, reply):
+                reply.send_nowait(self._on_load(name))
             case Kill():
                 self._on_kill()
             case Shutdown():
@@ -978,6 +1009,22 @@ class Supervisor:
             self._transition(State.IDLE, profile=profile)
         self._unloading |= names
         self._unloads.append((frozenset(names), done))
+
+    def _on_load(self, name: str) -> LeaseError | None:
+        """Want ``name`` loaded (once) unless it is up, loading, or may not load."""
+        profile = self._target(name)
+        if not isinstance(profile, Profile):
+            return profile
+        refusal = self._circuit_refusal(profile.name)
+        if refusal is not None:
+            return refusal
+        child = self._children.get(profile.name)
+        if child is not None and child.state in (State.STARTING, State.READY) \
+                and child.draining_since is None and profile.name not in self._unloading:
+            return None  # up or coming up: nothing to want
+        if not any(w.internal for w in self._waiting.get(profile.name, ())):
+            self._want(profile)
+        return None
 
     def _on_kill(self) -> None:
         """A second SIGTERM: every child is killed now. Its exit is a stop, not a crash."""

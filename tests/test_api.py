@@ -205,7 +205,8 @@ async def test_probes_never_load_swap_or_unload(tmp_path: Path) -> None:
         models = (await client.get("/v1/models")).json()["data"]
         by_id = {m["id"]: m for m in models}
         assert by_id["a"]["context_length"] == by_id["a"]["max_model_len"] == 8192
-        assert by_id["a"]["status"] == "loaded" and by_id["b"]["status"] == "unloaded"
+        assert by_id["a"]["status"] == {"value": "loaded"}
+        assert by_id["b"]["status"] == {"value": "unloaded"}
         live = (await client.get("/props")).json()  # the running child's own /props
         assert live["default_generation_settings"]["n_ctx"] == 8192
         synthesized = (await client.get("/props?model=b")).json()

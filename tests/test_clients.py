@@ -77,6 +77,7 @@ EXPECTED: dict[str, list[str]] = {
     "curl-chat": ["fake:qwen3.6-27b-balanced:"],
     "curl-stream": [": swapd loading qwen3.6-27b-balanced", "[swapd] ", "data: [DONE]"],
     "curl-key": ['"object": "list"'],
+    "curl-router-load": ['{"success": true}'],
 }
 """What each runnable example must print."""
 

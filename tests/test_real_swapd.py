@@ -21,6 +21,7 @@ from swapd.config import parse_config
 from swapd.process import LlamaProcess
 from swapd.progress import PREFIX
 from swapd.serve import open_server
+from tests.support.llama_feed import open_feed
 
 pytestmark = pytest.mark.real_llama
 
@@ -319,3 +320,48 @@ async def test_discovery_reports_the_context_one_request_gets(
         await trio.to_thread.run_sync(complete, "split", per_request - 1)
         with pytest.raises(openai.BadRequestError, match="exceeds the available context"):
             await trio.to_thread.run_sync(complete, "split", per_request)
+
+
+async def test_llamacpp_router_api_loads_swaps_and_unloads_the_real_server(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path) -> None:
+    """llama.cpp's router API on the real server: load -> loaded -> a load of another
+    model is a real swap on /models/sse (one unloaded, the other loading with progress,
+    then loaded) -> unload -> unloaded, with /v1/models saying so at every step."""
+    config = parse_config(real_config(tmp_path, tiny_models, llama_server_bin))
+    async with open_server(config) as running, httpx.AsyncClient(
+            base_url=running.url, timeout=60) as client, open_feed(client) as feed:
+
+        async def status(model: str) -> dict[str, object]:
+            models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+            return models[model]["status"]  # type: ignore[no-any-return]
+
+        assert await status("tiny-a") == {"value": "unloaded"}
+        answer = await client.post("/models/load", json={"model": "a"})  # an alias
+        assert (answer.status_code, answer.json()) == (200, {"success": True})
+        loaded_a = await feed.wait_status("tiny-a", "loaded")
+        assert await status("tiny-a") == {"value": "loaded"}
+        pid_a = running.supervisor.proc.pid  # type: ignore[union-attr]
+
+        assert (await client.post("/models/load", json={"model": "tiny-b"})).status_code == 200
+        loaded_b = await feed.wait_status("tiny-b", "loaded", loaded_a)
+        swap = [(r["model"], r["event"], r["data"]["status"])
+                for r in feed.records[loaded_a + 1:loaded_b + 1]]
+        assert swap[0] == ("tiny-a", "status_change", "unloaded")
+        assert swap[1] == ("tiny-b", "model_status", "loading")
+        assert set(swap[2:-1]) == {("tiny-b", "status_change", "loading")}
+        assert swap[-1] == ("tiny-b", "status_change", "loaded")
+        stages = [r["data"]["progress"] for r in feed.records[loaded_a + 1:loaded_b]
+                  if "progress" in r["data"]]
+        assert stages[0]["value"] == 0.0 and stages[-1]["value"] == 1.0
+        assert all(s["stages"] == ["text_model"] for s in stages)
+        assert feed.records[loaded_a + 1]["data"]["exit_code"] == 0  # a stop, not a crash
+        assert running.supervisor.proc.pid != pid_a  # type: ignore[union-attr]
+        assert (await status("tiny-a"), await status("tiny-b")) == (
+            {"value": "unloaded"}, {"value": "loaded"})
+
+        answer = await client.post("/models/unload", json={"model": "tiny-b"})
+        assert (answer.status_code, answer.json()) == (200, {"success": True})
+        await feed.wait_status("tiny-b", "unloaded", loaded_b)
+        assert await status("tiny-b") == {"value": "unloaded"}
+        assert not running.supervisor.children()
+        assert not feed.odd_lines

@@ -91,7 +91,7 @@ def needs(path: str) -> str:
     """Which key a route takes, as docs/http.md says: "open", "api" or "admin"."""
     if path in ("/", "/health") or path.startswith("/ui/"):
         return "open"
-    if path == "/metrics" or path.startswith("/swapd/"):
+    if path == "/metrics" or path.startswith(("/swapd/", "/models/")):
         return "admin"
     return "api"
 

@@ -1054,3 +1054,28 @@ async def test_a_removed_profile_that_crashes_leaves_no_circuit_behind(
         assert sup.state is State.IDLE  # the unload its removal asked for is done
         assert sup.circuits() == {}  # no circuit, no metric for a profile that is gone
         await sup.shutdown()
+
+
+async def test_a_load_command_loads_without_holding_and_refuses_at_once(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    """``load`` (llama.cpp's ``POST /models/load``): an internal want, answered before
+    the load; asked again while it loads, it wants nothing more; unknown names and a
+    stopping supervisor are refused at once."""
+    launcher = FakeLauncher(load_time=3.0)
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path), launcher)
+        assert await sup.load("alpha") is None
+        assert trio.current_time() < 1.0  # answered, not waited for
+        await trio.sleep(1.0)
+        assert sup.profile_state("a") is State.STARTING
+        assert await sup.load("a") is None
+        await trio.sleep(3.0)
+        assert sup.profile_state("a") is State.READY and sup.n_inflight == 0
+        assert sup.n_waiting == 0 and launcher.names == ["a"]
+        refused = await sup.load("nope")
+        assert isinstance(refused, UnknownModel)
+        assert await sup.unload("a", wait=False) is False  # asked for, not done yet
+        await trio.sleep(3.0)
+        assert sup.profile_state("a") is State.IDLE
+        await sup.shutdown()
+    assert isinstance(await sup.load("b"), ShuttingDown)
