@@ -7,9 +7,8 @@ process layer is tested against real children in ``test_process.py``.
 
 from __future__ import annotations
 
-import math
-
 import itertools
+import math
 from collections import deque
 from pathlib import Path
 from typing import Any
