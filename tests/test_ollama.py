@@ -319,3 +319,53 @@ async def test_open_webui_ollama_connection(tmp_path: Path) -> None:
         assert (await http.post("/api/generate", json=unload)).json()["done_reason"] == (
             "unload")
         await wait_unloaded(running, "embed")
+
+
+@pytest.mark.real_llama
+async def test_chat_generate_and_embed_through_swaps_with_the_real_server(
+        tmp_path: Path, tiny_models: Path, llama_server_bin: Path) -> None:
+    """The real llama-server: Ollama's streamed chat, generate (chat, raw and
+    fill-in-the-middle) and embed, each waiting for a swap, with the timings filled."""
+    config = parse_config(json.dumps({
+        "listen": "127.0.0.1:0", "state_dir": str(tmp_path / "state"),
+        "llama_server": {"command": str(llama_server_bin)},
+        "timeouts": {"start": "60s", "stop": "10s"},
+        "profiles": {
+            "tiny-a": {"model": str(tiny_models / "a.gguf"),
+                       "flags": {"ctx-size": 1024, "threads": 1, "jinja": True}},
+            "tiny-b": {"model": str(tiny_models / "b.gguf"),
+                       "flags": {"ctx-size": 1024, "threads": 1, "embedding": True,
+                                 "pooling": "mean"}},
+        },
+    }))
+    async with open_server(config) as running:
+        c = ollama.Client(host=running.url, timeout=60)
+        options = {"num_predict": 4, "temperature": 0, "seed": 1}
+
+        def run(fn: Callable[[], T]) -> Any:
+            return trio.to_thread.run_sync(fn)
+
+        with trio.fail_after(120):
+            parts = await run(lambda: list(c.chat("tiny-a", messages=USER, stream=True,
+                                                  think=True, options=options)))
+            embedded = await run(lambda: c.embed("tiny-b", ["one", "two"]))
+            generated = await run(lambda: list(c.generate("tiny-a", "hello", stream=True,
+                                                          options=options)))
+            raw = await run(lambda: c.generate("tiny-a", "hello", raw=True, stream=False,
+                                               options=options))
+            with pytest.raises(ollama.ResponseError) as no_fim:
+                await run(lambda: c.generate("tiny-a", "def f(", suffix="):\n",
+                                             stream=False, options=options))
+        assert "".join(p.message.thinking or "" for p in parts).startswith(PREFIX)
+        last = parts[-1]
+        assert last.done and last.done_reason == "length" and last.eval_count == 4
+        assert last.prompt_eval_count and last.prompt_eval_duration and last.eval_duration
+        assert last.load_duration and last.load_duration > 0
+        assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) > 0
+        assert math.isclose(sum(v * v for v in embedded.embeddings[0]), 1.0, rel_tol=1e-3)
+        assert generated[-1].done and generated[-1].eval_count == 4
+        assert raw.done and raw.eval_count == 4
+        # The tiny model has no FIM tokens: llama-server's own refusal, in Ollama's shape.
+        assert no_fim.value.status_code == 501 and "Infill is not supported" in (
+            no_fim.value.error)
+        assert running.supervisor.stats["swaps"] >= 2
