@@ -31,7 +31,7 @@ from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile, load_config
 from .errors import ConfigError, LeaseError
 from .fallback import FallbackChain
-from .fastpath import NATIVE_POSTS, RequestError, error_body
+from .fastpath import NATIVE_POSTS, OLLAMA_POSTS, RequestError, error_body, is_ollama_path
 from .metrics import Metrics
 from .process import ChildLog
 from .proxy import parse_json_object
@@ -153,8 +153,15 @@ def create_app(frontend: Frontend) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
-        """Quart's own 404/405/413 as OpenAI-shaped JSON, like every other error here."""
+        """Quart's own 404/405/413 as OpenAI-shaped JSON, like every other error here
+        (Ollama's ``{"error": "..."}`` under its ``/api/``)."""
         status = error.code or 500
+        if is_ollama_path(request.path):
+            response = _json({"error": f"{error.name}: {request.method} "
+                                       f"{_shown(request.path)}".lower()}, status)
+            if isinstance(error, MethodNotAllowed) and error.valid_methods:
+                response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
+            return response
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             status, "http_error")
         response = _openai_error(
@@ -166,6 +173,8 @@ def create_app(frontend: Frontend) -> QuartTrio:
 
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
+        if is_ollama_path(request.path):
+            return _json({"error": str(error)}, error.status)
         return _openai_error(error.status, str(error), "invalid_request_error", error.code)
     return app
 
@@ -400,9 +409,9 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
             if entry is None or row["state"] != "ready":
                 continue
             profile = entry.profile
-            ttl = profile.ttl if profile.ttl is not None else fe.config.ttl
+            ttl = sup.idle_ttl(profile.name)  # the TTL, or a client's keep_alive
             # Ollama reports a far-future time for "never unloads".
-            expires = (_iso(time.time() + ttl) if ttl and not profile.pinned
+            expires = (_iso(time.time() + ttl) if ttl is not None and not profile.pinned
                        else "2318-01-01T00:00:00+00:00")
             footprint = row["footprint"]
             size = footprint["measured"] or row["planned"] or footprint["estimate"]
@@ -515,7 +524,7 @@ def _inference_routes(app: QuartTrio) -> None:
                              "invalid_request_error", "not_found")
 
     app.add_url_rule("/v1/<path:anything>", "inference", inference, methods=["POST"])
-    for path in sorted(NATIVE_POSTS):
+    for path in sorted(NATIVE_POSTS | OLLAMA_POSTS):
         app.add_url_rule(path, f"inference {path}", inference, methods=["POST"])
 
 

@@ -62,6 +62,9 @@ NATIVE_POSTS = frozenset({
 })
 """llama-server's own routes outside /v1/ (editor plugins use /infill): proxied too."""
 
+OLLAMA_POSTS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})
+"""Ollama's generation routes: translated to llama-server's (``ollama.py``), then proxied."""
+
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
@@ -97,9 +100,16 @@ def _framing_problem(head: bytes, names: list[bytes]) -> str | None:
     return None
 
 
+def is_ollama_path(path: str) -> bool:
+    """Under Ollama's ``/api/`` (not LM Studio's ``/api/v1/``): errors are Ollama's."""
+    return path.startswith("/api/") and not path.startswith("/api/v1/")
+
+
 def is_inference(method: str, path: str) -> bool:
-    """Served by the fast path: POSTs under /v1/ and llama-server's own POST routes."""
-    return method == "POST" and (path.startswith("/v1/") or path in NATIVE_POSTS)
+    """Served by the fast path: POSTs under /v1/, llama-server's own POST routes and
+    Ollama's generation routes."""
+    return method == "POST" and (path.startswith("/v1/") or path in NATIVE_POSTS
+                                 or path in OLLAMA_POSTS)
 
 
 class RequestError(Exception):
@@ -468,6 +478,11 @@ class Exchange:
     def __attrs_post_init__(self) -> None:
         self.keep_alive = self.request.keep_alive
 
+    @property
+    def route(self) -> str:
+        """The route the client called (metrics count it): its path."""
+        return self.request.path
+
     def watch(self) -> None:
         """A wait begins: from now on, the client leaving ends the exchange.
 
@@ -737,7 +752,7 @@ class FastPath:
         request.preflight = cors.is_preflight(request.method, request.headers)
         refusal = self._refusal(request)
         if refusal is not None:
-            await _refuse(conn, refusal, cors_headers=request.cors)
+            await _refuse(conn, refusal, cors_headers=request.cors, path=request.path)
             return None
         return request
 
@@ -793,7 +808,7 @@ class FastPath:
             body = await self.bodies.read(conn)
         except RequestError as error:
             await _refuse(conn, error, keep_alive=request.keep_alive and conn.body_done,
-                          cors_headers=request.cors)
+                          cors_headers=request.cors, path=request.path)
             return request.keep_alive and conn.body_done
         if body is None:
             return False  # the client left before it finished sending
@@ -809,7 +824,7 @@ class FastPath:
         try:
             body = await self.bodies.read(conn)
         except RequestError as error:
-            await _refuse(conn, error, cors_headers=request.cors)
+            await _refuse(conn, error, cors_headers=request.cors, path=request.path)
             return
         if body is None:
             return
@@ -862,9 +877,11 @@ class FastPath:
 
 
 async def _refuse(conn: ClientConnection, error: RequestError, keep_alive: bool = False,
-                  cors_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                  cors_headers: list[tuple[bytes, bytes]] | None = None,
+                  path: str = "") -> None:
     """Answer a refused request with its JSON error; the connection closes unless told.
-    ``cors_headers``: the request's CORS headers, so that a page can read why."""
+    ``cors_headers``: the request's CORS headers, so that a page can read why; ``path``:
+    Ollama's routes get Ollama's error shape."""
     headers = [_JSON, *(cors_headers or ())]
     if error.retry_after is not None:
         headers.append((b"retry-after", b"%d" % error.retry_after))
@@ -872,6 +889,7 @@ async def _refuse(conn: ClientConnection, error: RequestError, keep_alive: bool 
         headers.append((b"www-authenticate", b"Bearer"))
     if not keep_alive:
         headers.append((b"connection", b"close"))
-    body = error_body(str(error), error.type, error.code)
+    body = (json.dumps({"error": str(error)}).encode() if is_ollama_path(path)
+            else error_body(str(error), error.type, error.code))
     headers.append((b"content-length", b"%d" % len(body)))
     await conn.send(response_head(error.status, headers) + body)

@@ -26,7 +26,7 @@ from . import progress
 from .config import Config, Fallback, Profile
 from .errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel, WontFit
 from .fallback import RETRY_NEXT, FallbackChain, describe
-from .fastpath import HOP_BY_HOP, NATIVE_POSTS, Exchange, RequestError, forwardable
+from .fastpath import HOP_BY_HOP, NATIVE_POSTS, OLLAMA_POSTS, Exchange, RequestError, forwardable
 from .metrics import Metrics
 from .supervisor import Lease, Supervisor
 from .upstream import HttpxResponse, UpstreamError
@@ -41,7 +41,7 @@ _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
     "/v1/messages", "/v1/rerank", "/v1/reranking", "/v1/audio/transcriptions",
-}) | NATIVE_POSTS
+}) | NATIVE_POSTS | OLLAMA_POSTS
 """Routes counted under their own label; anything else is "/v1/(other)"."""
 
 PROGRESS_REFRESH = 1.0
@@ -73,7 +73,7 @@ class InferenceProxy:
         try:
             await self._handle(ex)
         finally:
-            self._count(ex)
+            self.count(ex)
 
     async def _handle(self, ex: Exchange) -> None:
         try:
@@ -98,9 +98,9 @@ class InferenceProxy:
             profile = resolved.name if isinstance(resolved, Profile) else None
             await self._local(ex, profile, name or "")
 
-    def _count(self, ex: Exchange) -> None:
+    def count(self, ex: Exchange) -> None:
         """Count the request; the metric children are looked up once per label set."""
-        key = (ex.label, ex.request.path, ex.status or 499)
+        key = (ex.label, ex.route, ex.status or 499)
         counter = self._counters.get(key)
         if counter is None:
             route = key[1] if key[1] in KNOWN_ROUTES else "/v1/(other)"

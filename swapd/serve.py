@@ -32,6 +32,7 @@ from .errors import ConfigError, StateDirBusy, SwapdError
 from .fallback import FallbackChain
 from .fastpath import MAX_HEAD_BYTES, FastPath
 from .notify import Notifier, status_text
+from .ollama import OllamaApi
 from .proxy import InferenceProxy
 from .statedir import StateLock, WriteErrors, lock_state_dir
 from .supervisor import Launcher, Supervisor
@@ -87,7 +88,8 @@ def fast_path(frontend: Frontend) -> FastPath:
     """The server for ``frontend``: inference on the fast path, the rest on Quart."""
     proxy = InferenceProxy(frontend.supervisor, frontend.fallbacks, frontend.metrics)
     return FastPath(lambda: frontend.config,
-                    lambda path, headers: frontend.keys.allows(path, headers), proxy,
+                    lambda path, headers: frontend.keys.allows(path, headers),
+                    OllamaApi(proxy),
                     served_app(frontend), hypercorn_config(frontend.config))
 
 

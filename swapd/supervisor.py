@@ -186,6 +186,7 @@ class Child:
     swap: dict[str, Any] = attrs.field(factory=dict)  # from, began, stopped: its load record
     room_for: str | None = None  # stopped to make room for this profile
     measured: Footprint | None = None
+    keep_alive: float | None = None  # a client's idle time (``keep_alive``); None: the TTL
 
     @property
     def name(self) -> str:
@@ -295,6 +296,14 @@ class Load:
 
 
 @attrs.frozen
+class KeepAlive:
+    """A client set how long ``name`` stays loaded once idle (Ollama's ``keep_alive``)."""
+
+    name: str
+    seconds: float | None  # 0: unload once idle; inf: never; None: the profile's TTL
+
+
+@attrs.frozen
 class Kill:
     """Kill every child now (a second SIGTERM): a stop, not a crash."""
 
@@ -375,8 +384,8 @@ Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
                     process.LlamaProcess]
 """Spawns a profile's child; tests pass one that makes fake processes on fake time."""
 
-Message = (Acquire | Release | Withdraw | Unload | Load | Kill | Shutdown | Reload | Checked
-           | Sized | StartDone | Measured | Phase | Stopped | Exited | Hung)
+Message = (Acquire | Release | Withdraw | Unload | Load | KeepAlive | Kill | Shutdown
+           | Reload | Checked | Sized | StartDone | Measured | Phase | Stopped | Exited | Hung)
 
 
 @attrs.frozen
@@ -615,6 +624,7 @@ class Supervisor:
         """
         child = self._children.get(lease.profile.name)
         if (child is None or lease not in child.leases or not self._can_grant(child)
+                or child.keep_alive == 0  # to unload at once: the loop's work
                 or self._shutting_down or self._unloads or self._unloading
                 or any(self._waiting.values())):
             return False
@@ -662,6 +672,22 @@ class Supervisor:
         with trio.move_on_after(self.unload_timeout):
             await done.wait()
         return done.is_set()
+
+    async def keep_alive(self, name: str, seconds: float | None) -> None:
+        """Keep profile ``name`` loaded ``seconds`` once idle, instead of its TTL: 0
+        unloads it as soon as no request holds or waits for it, ``math.inf`` never, None
+        goes back to the TTL. Until the model stops or the next call; a pinned model
+        stays. Without effect on a model that is not running."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._send.send(KeepAlive(name, seconds))
+
+    def idle_ttl(self, name: str) -> float | None:
+        """Seconds the running ``name`` stays loaded once idle; None: until evicted."""
+        child = self._children.get(name)
+        if child is None:
+            ttl = self.config.profiles[name].ttl if name in self.config.profiles else None
+            return (ttl if ttl is not None else self.config.ttl) or None
+        return self._idle_ttl(child)
 
     def kill_now(self) -> None:
         """Kill every child at once (a second SIGTERM); never counted as a crash.
@@ -875,6 +901,10 @@ class Supervisor:
                 self._on_unload(done, name)
             case Load(name, reply):
                 reply.send_nowait(self._on_load(name))
+            case KeepAlive(name, seconds):
+                child = self._children.get(name)
+                if child is not None:
+                    child.keep_alive = seconds  # acted on by _on_timers, right after
             case Kill():
                 self._on_kill()
             case Shutdown():
@@ -1509,8 +1539,8 @@ class Supervisor:
                 continue
             deadlines.append(self._stable_at(child))
             if child.draining_since is None:
-                ttl = self._ttl(child.profile)
-                if ttl and not child.leases and not self._waiting.get(child.name):
+                ttl = self._idle_ttl(child)
+                if ttl is not None and not child.leases and not self._waiting.get(child.name):
                     deadlines.append(child.idle_since + ttl)
             elif child.leases:
                 deadlines.append(child.draining_since + self.config.timeouts.drain)
@@ -1533,10 +1563,11 @@ class Supervisor:
                     log.warning("cutting %d request(s): %s", len(child.leases), why)
                     self._revoke(child, why)
                 continue
-            ttl = self._ttl(child.profile)
-            if (ttl and not child.profile.pinned and not child.leases
+            ttl = self._idle_ttl(child)
+            if (ttl is not None and not child.profile.pinned and not child.leases
                     and not self._waiting.get(child.name) and now >= child.idle_since + ttl):
-                log.info("unloading %s after %gs idle (ttl)", child.name, ttl)
+                log.info("unloading %s after %gs idle (%s)", child.name, ttl,
+                         "ttl" if child.keep_alive is None else "a client's keep_alive")
                 self._publish("ttl_expired", profile=child.name)
                 self._begin_stop(child, "ttl")
 
@@ -1614,6 +1645,12 @@ class Supervisor:
 
     def _ttl(self, profile: Profile) -> float:
         return profile.ttl if profile.ttl is not None else self.config.ttl
+
+    def _idle_ttl(self, child: Child) -> float | None:
+        """Seconds ``child`` may stay idle before it unloads; None: no limit."""
+        if child.keep_alive is not None:
+            return None if math.isinf(child.keep_alive) else child.keep_alive
+        return self._ttl(child.profile) or None
 
     def _retry_after(self) -> float:
         active = self.active

@@ -73,6 +73,7 @@ EXPECTED: dict[str, list[str]] = {
     "openai-key": ["qwen3.6-27b-balanced"],
     "ollama": ["qwen3.6-27b-balanced", "qwen3-embed", "num_ctx 8192",
                "'llama.context_length': 8192"],
+    "ollama-chat": ["[swapd] ", "fake:qwen3.6-27b-balanced:"],
     "curl-models": ['"id": "qwen3.6-27b-balanced"', '"context_length": 8192'],
     "curl-chat": ["fake:qwen3.6-27b-balanced:"],
     "curl-stream": [": swapd loading qwen3.6-27b-balanced", "[swapd] ", "data: [DONE]"],

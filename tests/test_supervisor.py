@@ -8,6 +8,7 @@ process layer is tested against real children in ``test_process.py``.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -481,6 +482,42 @@ async def test_ttl_unloads_an_idle_model(tmp_path: Path, autojump_clock: Any) ->
         await trio.sleep(2)
         assert sup.state is State.IDLE
         assert launcher.launched[0].stopped_at == pytest.approx(1 + 10 + 30, abs=0.1)
+        await sup.shutdown()
+
+
+async def test_keep_alive_overrides_the_ttl_until_the_model_stops(
+        tmp_path: Path, autojump_clock: Any) -> None:
+    """Ollama's ``keep_alive``: 0 unloads once the last request is done (not while one
+    still holds the model), a duration replaces the TTL, ``inf`` never unloads, and the
+    next load of the model is back on its TTL."""
+    launcher = FakeLauncher()
+    async with trio.open_nursery() as nursery:
+        sup = await start_supervisor(nursery, make_config(tmp_path, ttl="30s"), launcher)
+        await use(sup, "a")
+        await sup.keep_alive("a", math.inf)
+        await trio.sleep(300)
+        assert sup.profile_state("a") is State.READY and sup.idle_ttl("a") is None
+        await use(sup, "a")
+        await sup.keep_alive("a", 5.0)  # as Ollama's route does: after the answer
+        await trio.sleep(0.01)  # the loop reads it
+        assert sup.idle_ttl("a") == 5.0
+        await trio.sleep(4)
+        assert sup.profile_state("a") is State.READY
+        await trio.sleep(2)
+        assert sup.profile_state("a") is State.IDLE
+        async with trio.open_nursery() as clients:
+            clients.start_soon(use, sup, "a", 10.0)
+            await trio.sleep(5)
+            await sup.keep_alive("a", 0)
+            await trio.sleep(1)
+            assert sup.profile_state("a") is State.READY  # a request still holds it
+        await trio.sleep(0.1)
+        assert sup.profile_state("a") is State.IDLE
+        second = launcher.launched[1]
+        assert second.stopped_at is not None
+        assert second.started_at + 10 <= second.stopped_at <= second.started_at + 12
+        await use(sup, "a")
+        assert sup.idle_ttl("a") == 30.0  # a new child: the TTL again
         await sup.shutdown()
 
 

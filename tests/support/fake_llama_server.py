@@ -40,7 +40,18 @@ tiny models; see ``tests/test_real_llama.py``):
   ``model_path``, ``total_slots`` (``--parallel``, default 4), ``build_info``.
 - Streams: a first chunk with ``delta.role`` and ``content: null``, one chunk per token, a
   last chunk with ``finish_reason`` and an empty delta, a usage chunk with ``choices: []``
-  only if ``stream_options.include_usage``, then ``data: [DONE]``.
+  only if ``stream_options.include_usage``, then ``data: [DONE]``. The last chunk (and
+  every whole answer) carries ``timings`` (``prompt_n``, ``prompt_ms``, ``predicted_n``,
+  ``predicted_ms``, ``cache_n``, ...).
+- ``/infill`` answers in llama-server's own shape, not OpenAI's: ``content``, ``stop``,
+  ``stop_type`` (``eos``, ``limit``), ``tokens_predicted``, ``tokens_evaluated``,
+  ``timings``; streamed, one ``data:`` object per token, the last with ``stop: true``
+  (and no ``[DONE]``).
+
+Fake content (not the real model's, but in the real shapes): a chat request with
+``tools`` answers with a call of the first tool (``finish_reason: "tool_calls"``,
+arguments ``{"fake": ALIAS}``, streamed in two argument pieces); one with
+``response_format`` answers ``{"fake": ALIAS}`` as its content.
 
 - ``--help`` lists every flag spelling of the real one's ``--help`` (on stdout, in its
   layout, so ``swapd check`` works against the fake); ``--version`` writes to stderr.
@@ -285,6 +296,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Requir
 _CHAT = {"/v1/chat/completions", "/chat/completions"}
 _COMPLETIONS = {"/v1/completions", "/completions", "/completion"}
 _EMBEDDINGS = {"/v1/embeddings", "/embeddings", "/embedding"}
+_INFILL = {"/infill"}
 
 
 def _prompt_tokens(body: dict[str, object]) -> int:
@@ -350,6 +362,23 @@ class FakeServer:
     @staticmethod
     def usage(n: int) -> dict[str, int]:
         return {"completion_tokens": n, "prompt_tokens": 4, "total_tokens": n + 4}
+
+    @staticmethod
+    def timings(n: int) -> dict[str, float]:
+        return {"cache_n": 0, "prompt_n": 4, "prompt_ms": 2.0, "prompt_per_token_ms": 0.5,
+                "prompt_per_second": 2000.0, "predicted_n": n, "predicted_ms": 1.5 * n,
+                "predicted_per_token_ms": 1.5, "predicted_per_second": 1000 / 1.5}
+
+    def tool_call(self, body: dict[str, object]) -> dict[str, object] | None:
+        """The call a chat with ``tools`` answers with (the first tool), or None."""
+        tools = body.get("tools")
+        if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+            return None
+        function = tools[0].get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        return {"type": "function", "id": "fakecall0",
+                "function": {"name": str(name), "arguments": _dumps(
+                    {"fake": self.opts.alias}).decode()}}
 
     def models(self) -> dict[str, object]:
         name = self.opts.alias
@@ -562,7 +591,8 @@ class HttpProtocol(asyncio.Protocol):
             self.send_json(200, server.props())
             return
         if method != "POST" or not (path.startswith("/v1/") or path in _CHAT
-                                    or path in _COMPLETIONS or path in _EMBEDDINGS):
+                                    or path in _COMPLETIONS or path in _EMBEDDINGS
+                                    or path in _INFILL):
             # llama-server closes the connection after a 404
             self.send_json(404, _error(404, "File Not Found", "not_found_error"), close=True)
             return
@@ -580,6 +610,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         if path in _EMBEDDINGS:
             self.send_json(200, self.embeddings(body))
+        elif path in _INFILL:
+            if body.get("stream"):
+                self.spawn(self.stream_infill(body))
+            else:
+                self.send_json(200, self.infill(body))
         elif path in _CHAT or path in _COMPLETIONS:
             chat = path in _CHAT
             n_prompt = _prompt_tokens(body)
@@ -621,8 +656,16 @@ class HttpProtocol(asyncio.Protocol):
         server = self.server
         tokens, finish = server.token_texts(body)
         text = "".join(tokens)
-        if chat:
+        if chat and body.get("response_format"):
+            text = _dumps({"fake": server.opts.alias}).decode()
+        call = server.tool_call(body) if chat else None
+        if call is not None:
             choice: dict[str, object] = {
+                "finish_reason": "tool_calls", "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+            }
+        elif chat:
+            choice = {
                 "finish_reason": finish, "index": 0,
                 "message": {"role": "assistant", "content": text},
             }
@@ -636,7 +679,30 @@ class HttpProtocol(asyncio.Protocol):
             "object": "chat.completion" if chat else "text_completion",
             "usage": server.usage(len(tokens)),
             "id": f"chatcmpl-fake{server.pid}",
+            "timings": server.timings(len(tokens)),
         }
+
+    def infill(self, body: dict[str, object]) -> dict[str, object]:
+        tokens, finish = self.server.token_texts(body)
+        return {"index": 0, "content": "".join(tokens), "tokens": [], "id_slot": 0,
+                "stop": True, "model": self.server.opts.alias,
+                "tokens_predicted": len(tokens), "tokens_evaluated": 4,
+                "stop_type": "limit" if finish == "length" else "eos", "stopping_word": "",
+                "tokens_cached": 0, "timings": self.server.timings(len(tokens))}
+
+    async def stream_infill(self, body: dict[str, object]) -> None:
+        tokens, _ = self.server.token_texts(body)
+        self.streaming = True
+        self.start_chunked(b"text/event-stream")
+        for token in tokens:
+            self.write_chunk(b"data: " + _dumps({"index": 0, "content": token, "tokens": [],
+                                                  "stop": False, "id_slot": 0,
+                                                  "tokens_predicted": 1,
+                                                  "tokens_evaluated": 4}) + b"\n\n")
+            await asyncio.sleep(0)
+        self.write_chunk(b"data: " + _dumps({**self.infill(body), "content": ""}) + b"\n\n")
+        self.end_chunked()
+        self.close()
 
     async def slow_answer(self, body: dict[str, object], chat: bool) -> None:
         n = len(self.server.token_texts(body)[0])
@@ -678,6 +744,19 @@ class HttpProtocol(asyncio.Protocol):
         if chat:
             emit(event([{"finish_reason": None, "index": 0,
                          "delta": {"role": "assistant", "content": None}}]))
+        call = server.tool_call(body) if chat else None
+        if call is not None:
+            function = call["function"]
+            assert isinstance(function, dict)
+            arguments = str(function["arguments"])
+            emit(event([{"finish_reason": None, "index": 0, "delta": {"tool_calls": [{
+                "index": 0, "id": call["id"], "type": "function",
+                "function": {"name": function["name"], "arguments": arguments[:5]}}]}}]))
+            emit(event([{"finish_reason": None, "index": 0, "delta": {"tool_calls": [{
+                "index": 0, "function": {"arguments": arguments[5:]}}]}}]))
+            tokens, finish = [], "tool_calls"
+        elif chat and body.get("response_format"):
+            tokens = [_dumps({"fake": opts.alias}).decode()]
         for i, token in enumerate(tokens):
             if delay and i:
                 await asyncio.sleep(delay)
@@ -693,10 +772,14 @@ class HttpProtocol(asyncio.Protocol):
                 Log.srv("W", "stop", f"cancel task, id_task = {server.inference_requests}")
                 return
             emit(event([choice(token)]))
-        emit(event([choice(None, finish)]))
         stream_options = body.get("stream_options")
-        if isinstance(stream_options, dict) and stream_options.get("include_usage"):
-            emit(event([], usage=server.usage(len(tokens))))
+        usage = isinstance(stream_options, dict) and stream_options.get("include_usage")
+        timings = server.timings(len(tokens))
+        if usage:  # the timings go on the last chunk, as llama-server puts them
+            emit(event([choice(None, finish)]))
+            emit(event([], usage=server.usage(len(tokens)), timings=timings))
+        else:
+            emit(event([choice(None, finish)], timings=timings))
         emit(b"data: [DONE]\n\n")
         self.end_chunked()
         # llama-server closes the connection after every streamed answer, although its

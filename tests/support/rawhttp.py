@@ -37,12 +37,24 @@ class RawAnswer:
         return self.headers.get("content-type", "").startswith("text/event-stream")
 
     def error_code(self) -> Any:
-        """The OpenAI-shaped error's ``code``, or None when the body is not one."""
+        """The OpenAI-shaped error's ``code``, or None when the body is not one.
+
+        Ollama's shape (``{"error": "..."}``, under ``/api/``) has no code: the refusals
+        that come before any handler runs are told by their fixed messages."""
         try:
             error = json.loads(self.body)["error"]
-            return error["code"] if isinstance(error, dict) else None
         except (ValueError, KeyError, TypeError):
             return None
+        if isinstance(error, str):
+            return next((code for prefix, code in OLLAMA_REFUSALS if error.startswith(
+                prefix)), None)
+        return error.get("code") if isinstance(error, dict) else None
+
+
+OLLAMA_REFUSALS = (("the path ", "invalid_path"), ("not found: ", "not_found"),
+                   ("method not allowed: ", "method_not_allowed"),
+                   ("missing or invalid API key", "invalid_api_key"))
+"""swapd's refusals in Ollama's shape: how each message begins, and its OpenAI code."""
 
 
 def request_bytes(method: str, target: str | bytes,
