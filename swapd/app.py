@@ -25,7 +25,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import __version__, cors, llama_router
+from . import __version__, cors, llama_router, progress
 from .auth import Keys, load_keys
 from .catalog import ModelEntry, build_catalog
 from .config import Config, Profile, load_config
@@ -745,7 +745,7 @@ def _llama_router_routes(app: QuartTrio, fe: Frontend) -> None:
                     continue
                 sent = False
                 for name in loading:
-                    value = llama_router.fraction(*sup.load_progress(name))
+                    value = progress.load_fraction(*sup.load_progress(name))
                     if value is not None and fe.status_of(name) == "loading":
                         yield llama_router.sse(llama_router.progress_record(name, value))
                         sent = True

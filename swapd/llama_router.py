@@ -42,10 +42,6 @@ PROGRESS_INTERVAL = 0.5
 """Seconds between progress samples on ``/models/sse`` while a model loads (llama.cpp
 throttles its own to one per 200 ms)."""
 
-LOAD_FRACTION_CAP = 0.99
-"""An estimated load shows at most this until the child is ready (it may take longer
-than last time); 1.0 is the sample sent with ``loaded``."""
-
 STAGE = "text_model"
 """The one load stage swapd reports (llama.cpp also has spec_model, mmproj_model)."""
 
@@ -98,13 +94,6 @@ def architecture(profile: Profile) -> dict[str, list[str]]:
     names = {key.lstrip("-").replace("_", "-") for key in profile.flags}
     inputs = ["text", "image"] if names & {"mmproj", "mmproj-url"} else ["text"]
     return {"input_modalities": inputs, "output_modalities": ["text"]}
-
-
-def fraction(elapsed: float, expected: float | None) -> float | None:
-    """How far a load is, from its last load time; None without one."""
-    if not expected:
-        return None
-    return min(LOAD_FRACTION_CAP, max(0.0, elapsed / expected))
 
 
 def progress_record(model: str, value: float) -> dict[str, Any]:

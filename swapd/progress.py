@@ -218,6 +218,18 @@ def shape_for(path: str) -> StreamShape | None:
     return None
 
 
+LOAD_FRACTION_CAP = 0.99
+"""An estimated load shows at most this until the child is ready (it may take longer
+than last time)."""
+
+
+def load_fraction(elapsed: float, expected: float | None) -> float | None:
+    """How far a load is, from the profile's last load time; None without one."""
+    if not expected:
+        return None
+    return min(LOAD_FRACTION_CAP, max(0.0, elapsed / expected))
+
+
 def describe(status: dict[str, Any], profile: str) -> str:
     """One progress line from the supervisor's status, as seen by a request for ``profile``."""
     for row in status.get("resident") or ():
@@ -234,8 +246,9 @@ def describe(status: dict[str, Any], profile: str) -> str:
     if active == profile and state == "starting":
         elapsed = status.get("load_elapsed") or 0.0
         expected = status.get("load_expected")
-        if expected:
-            percent = min(99, int(100 * elapsed / expected))
+        fraction = load_fraction(elapsed, expected)
+        if expected and fraction is not None:
+            percent = int(100 * fraction)
             left = max(0.0, expected - elapsed)
             return f"loading {profile}: {percent}% (ready in ~{left:.0f}s)"
         return f"loading {profile} ({elapsed:.0f}s so far, first load: no estimate yet)"

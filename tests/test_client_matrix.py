@@ -217,6 +217,33 @@ def anthropic_overflow(url: str, model: str) -> BaseException:
     raise AssertionError("no error")
 
 
+def ollama_stream(url: str, model: str) -> Seen:
+    """Ollama's own API (``/api/chat``), asking for thinking: progress shows there."""
+    import ollama
+
+    client = ollama.Client(host=url)
+    content, thinking = "", ""
+    for part in client.chat(model, messages=[{"role": "user", "content": "hello"}],
+                            think=True, stream=True, options={"num_predict": 8}):
+        content += part.message.content or ""
+        thinking += part.message.thinking or ""
+    return Seen(content, thinking, {"role": "assistant", "content": content,
+                                    "reasoning_content": thinking})  # NDJSON has no ids
+
+
+def ollama_overflow(url: str, model: str) -> BaseException:
+    import ollama
+
+    client = ollama.Client(host=url)
+    try:
+        for _part in client.chat(model, messages=[{"role": "user", "content": LONG}],
+                                 stream=True, options={"num_predict": 8}):
+            pass
+    except ollama.ResponseError as error:
+        return error
+    raise AssertionError("no error")
+
+
 CLIENTS: dict[str, tuple[str, Driver, Overflow]] = {
     "openai (Python SDK)": ("openai", openai_stream, openai_overflow),
     "openai (Python SDK, Responses API)": ("openai", responses_stream, responses_overflow),
@@ -225,6 +252,7 @@ CLIENTS: dict[str, tuple[str, Driver, Overflow]] = {
                                       langchain_overflow),
     "anthropic (Python SDK, /v1/messages)": ("anthropic", anthropic_stream,
                                             anthropic_overflow),
+    "ollama (Python client, /api/chat)": ("ollama", ollama_stream, ollama_overflow),
 }
 
 
@@ -255,14 +283,15 @@ async def observe(running: Running, client: httpx.AsyncClient, name: str) -> Row
     package, stream, overflow = CLIENTS[name]
     seen: Seen = await swap_to_b_with(running, client, stream)
     assert seen.answer, f"{name}: no answer text"
-    assert len(seen.ids) == 1, f"{name}: the stream carried several ids: {seen.ids}"
-    streams = "yes, one id"
+    assert len(seen.ids) <= 1, f"{name}: the stream carried several ids: {seen.ids}"
+    streams = "yes, one id" if seen.ids else "yes"
     if not seen.progress:
         progress = "not shown (keep-alives only)"
     elif seen.progress.startswith("<think>"):
         progress = "`<think>` block in `content`"
     elif seen.progress.startswith(PREFIX):
-        progress = "`reasoning_content`" if "reasoning_content" in seen.turn else "thinking"
+        progress = ("`message.thinking`" if name.startswith("ollama") else
+                    "`reasoning_content`")
     else:
         progress = "`additional_kwargs`"
     rendered = await client.post("/apply-template", json={"model": "tiny-b", "messages": [

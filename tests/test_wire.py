@@ -235,7 +235,7 @@ async def test_a_declared_body_past_max_body_is_413_before_it_is_sent(
         await conn.send(post(path, b"", *extra, length=MAX_BODY + 1))
         answer = await conn.answer(DEADLINE)
         assert answer.status == 413, answer
-        assert json.loads(answer.body)["error"]["code"] == "body_too_large"
+        assert answer.error_code() == "body_too_large"
 
 
 @pytest.mark.parametrize("path", ROUTES)
@@ -245,7 +245,7 @@ async def test_a_stalled_body_is_408_at_timeouts_body(tmp_path: Path, path: str)
         await conn.send(post(path, body_for(path)[:5], length=len(body_for(path))))
         answer = await conn.answer(DEADLINE)
         assert answer.status == 408, answer
-        assert json.loads(answer.body)["error"]["code"] == "body_timeout"
+        assert answer.error_code() == "body_timeout"
         assert running.supervisor.state.value == "idle"
 
 

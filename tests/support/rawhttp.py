@@ -37,23 +37,29 @@ class RawAnswer:
         return self.headers.get("content-type", "").startswith("text/event-stream")
 
     def error_code(self) -> Any:
-        """The OpenAI-shaped error's ``code``, or None when the body is not one.
+        return error_code(self.body)
 
-        Ollama's shape (``{"error": "..."}``, under ``/api/``) has no code: the refusals
-        that come before any handler runs are told by their fixed messages."""
-        try:
-            error = json.loads(self.body)["error"]
-        except (ValueError, KeyError, TypeError):
-            return None
-        if isinstance(error, str):
-            return next((code for prefix, code in OLLAMA_REFUSALS if error.startswith(
-                prefix)), None)
-        return error.get("code") if isinstance(error, dict) else None
+
+def error_code(body: bytes) -> Any:
+    """The OpenAI-shaped error's ``code``, or None when the body is not one.
+
+    Ollama's shape (``{"error": "..."}``, under ``/api/``) has no code: the refusals
+    that come before any handler runs are told by their fixed messages."""
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(error, str):
+        return next((code for prefix, code in OLLAMA_REFUSALS if error.startswith(
+            prefix)), None)
+    return error.get("code") if isinstance(error, dict) else None
 
 
 OLLAMA_REFUSALS = (("the path ", "invalid_path"), ("not found: ", "not_found"),
                    ("method not allowed: ", "method_not_allowed"),
-                   ("missing or invalid API key", "invalid_api_key"))
+                   ("missing or invalid API key", "invalid_api_key"),
+                   ("request body is larger than ", "body_too_large"),
+                   ("the request body did not arrive within ", "body_timeout"))
 """swapd's refusals in Ollama's shape: how each message begins, and its OpenAI code."""
 
 
