@@ -2,7 +2,7 @@
 
 For trying a hot-path change in a scratch copy of the repository before proposing it::
 
-    cp -r . /tmp/try && $EDITOR /tmp/try/swapd/proxy.py
+    cp -r . /tmp/try && $EDITOR /tmp/try/swapd/http/proxy.py
     python -m bench.ab . /tmp/try --rounds 3
 
 Each checkout's swapd runs in turn (``python -m swapd serve`` from that directory) on
@@ -27,9 +27,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import workloads
-from .client import chat_body
-from .procs import FAKE_SERVER, MARKER, Swapd, cpu_seconds
+from swapd.client import chat_body
+from swapd.procs import FAKE_SERVER, MARKER, Swapd, cpu_seconds
+
+from swapd import workloads
 
 
 def config(workdir: Path) -> dict[str, Any]:

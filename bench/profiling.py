@@ -85,13 +85,13 @@ LAYERS = (
     # (label prefix, layer): the innermost frame that matches decides a sample's layer.
     ("httpx/", "upstream client (httpx, httpcore)"),
     ("httpcore/", "upstream client (httpx, httpcore)"),
-    ("swapd/upstream.py", "upstream client (swapd)"),
+    ("swapd/net/upstream.py", "upstream client (swapd)"),
     ("hypercorn/protocol/http_stream.py:HTTPStream.app_send", "hypercorn: sending to client"),
     ("hypercorn/trio/tcp_server.py:TCPServer.protocol_send", "hypercorn: sending to client"),
     ("hypercorn/", "hypercorn: reading, parsing, tasks"),
     ("prometheus_client/", "metrics"),
-    ("swapd/supervisor.py", "supervisor"),
-    ("swapd/process.py", "child output, process"),
+    ("swapd/core/supervisor.py", "supervisor"),
+    ("swapd/core/process.py", "child output, process"),
     ("quart", "quart"),
     ("swapd/", "swapd proxy and app code"),
 )

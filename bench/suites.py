@@ -26,12 +26,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from swapd.config import Config, parse_config
-from swapd.flags import build_argv
-
-from . import workloads
-from .client import Answer, chat_body, clock, fetch
-from .plan import (
+from swapd.client import Answer, chat_body, clock, fetch
+from swapd.plan import (
     COLLATION_LOAD_MS,
     FAKE_SWAP_LOAD_MS,
     HELD_TOKEN_DELAY_MS,
@@ -41,7 +37,7 @@ from .plan import (
     real_config,
     real_models,
 )
-from .procs import (
+from swapd.procs import (
     HOST,
     OtherLoad,
     Swapd,
@@ -54,8 +50,12 @@ from .procs import (
     wait_exit,
     wait_health,
 )
-from .profiling import Profiler
-from .stats import spread, summarize
+from swapd.profiling import Profiler
+from swapd.stats import spread, summarize
+
+from swapd import workloads
+from swapd.config import Config, parse_config
+from swapd.config.flags import build_argv
 
 Side = str  # "direct" or "swapd"
 MS = 1000.0

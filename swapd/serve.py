@@ -24,18 +24,18 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 
-from . import process
-from .app import Frontend, frontend_for, served_app
-from .auth import load_keys
-from .config import Config, load_config
-from .errors import ConfigError, StateDirBusy, SwapdError
-from .fallback import FallbackChain
-from .fastpath import MAX_HEAD_BYTES, FastPath
-from .notify import Notifier, status_text
-from .ollama import OllamaApi
-from .proxy import InferenceProxy
-from .statedir import StateLock, WriteErrors, lock_state_dir
-from .supervisor import Launcher, Supervisor
+from swapd.config import Config, load_config
+from swapd.core import process
+from swapd.core.statedir import StateLock, WriteErrors, lock_state_dir
+from swapd.core.supervisor import Launcher, Supervisor
+from swapd.errors import ConfigError, StateDirBusy, SwapdError
+from swapd.http.app import Frontend, frontend_for, served_app
+from swapd.http.auth import load_keys
+from swapd.http.fallback import FallbackChain
+from swapd.http.fastpath import MAX_HEAD_BYTES, FastPath
+from swapd.http.ollama import OllamaApi
+from swapd.http.proxy import InferenceProxy
+from swapd.observe.notify import Notifier, status_text
 
 log = logging.getLogger("swapd")
 

@@ -26,8 +26,8 @@ import trio
 import trio.testing
 
 from swapd.config import parse_config
-from swapd.progress import PREFIX
-from swapd.progress import line as progress_line
+from swapd.http.progress import PREFIX
+from swapd.http.progress import line as progress_line
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
 from tests.support.rawhttp import exchange, request_bytes

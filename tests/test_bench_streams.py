@@ -24,7 +24,7 @@ from bench.floor import __file__ as FLOOR
 from bench.paced import __file__ as PACED
 from bench.streamclient import run as run_stream_client
 from bench.table import render
-from swapd.flags import parse_help_flags
+from swapd.config.flags import parse_help_flags
 
 DEADLINE_S = 10.0
 """Turns a hang into a failure; never a measurement."""

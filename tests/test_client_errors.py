@@ -11,7 +11,7 @@ import openai
 import pytest
 import trio
 
-from swapd.progress import line
+from swapd.http.progress import line
 from tests.test_api import chat, sse_events, swapd
 
 LONG = " ".join(["word"] * 5000)
@@ -152,7 +152,7 @@ async def test_a_client_gone_as_its_lease_arrives_gives_the_lease_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lease came, then the write of the "b is ready" line fails (the client left
     just then): the lease must go back, not stay held by an exchange that ended."""
-    from swapd.fastpath import ClientGone, Exchange
+    from swapd.http.fastpath import ClientGone, Exchange
 
     body_part = Exchange.body_part
 

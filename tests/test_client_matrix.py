@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from swapd.config import parse_config
-from swapd.progress import PREFIX
+from swapd.http.progress import PREFIX
 from swapd.serve import Running, open_server
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch at import

@@ -31,10 +31,12 @@ import trio
 import yaml
 
 from swapd import config as cfg
-from swapd import errors, process, proxy
-from swapd.app import create_app
+from swapd import errors
 from swapd.config import parse_config
-from swapd.schema import config_schema
+from swapd.config.schema import config_schema
+from swapd.core import process
+from swapd.http import proxy
+from swapd.http.app import create_app
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
 from tests.support.tiny_gguf import write_header_only

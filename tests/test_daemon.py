@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from swapd.config import parse_config
+from swapd.core.process import free_port
 from swapd.errors import StateDirBusy
-from swapd.process import free_port
 from swapd.serve import _startup_cause, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
 from tests.support.procs import MARKER_VAR, leftover_processes

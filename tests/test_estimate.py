@@ -1,4 +1,4 @@
-"""The memory estimate (``swapd/estimate.py``) against ggml's tables and the real server.
+"""The memory estimate (``swapd/estimate/__init__.py``) against ggml's tables and the real server.
 
 * The ggml type table is checked against the ``gguf`` package's ``GGML_QUANT_SIZES``.
 * The header reader is checked against ``gguf.GGUFReader`` on a generated model.
@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 from swapd.config import parse_config
+from swapd.config.flags import FlagValue
 from swapd.estimate import (
     CACHE_TYPES,
     GGML_TYPES,
@@ -58,7 +59,6 @@ from swapd.estimate import (
     suggest_fix,
     tensor_nbytes,
 )
-from swapd.flags import FlagValue
 from tests.support import llama_build
 from tests.support.tiny_gguf import write_tiny_llama
 

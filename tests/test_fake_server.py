@@ -20,8 +20,8 @@ import httpx
 import pytest
 import trio
 
-from swapd.footprint import Footprint
-from swapd.process import diagnose
+from swapd.core.footprint import Footprint
+from swapd.core.process import diagnose
 from tests.support.procs import (
     MARKER_VAR,
     ServerProcess,

@@ -17,9 +17,9 @@ import openai
 import pytest
 import trio
 
-from swapd import process
 from swapd.config import Fallback, parse_config
-from swapd.fallback import FallbackChain
+from swapd.core import process
+from swapd.http.fallback import FallbackChain
 from swapd.serve import open_server
 from tests.test_api import chat, config_text, delta_text, sse_events
 from tests.test_process import fake_argv

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from swapd.config import parse_config
-from swapd.flags import (
+from swapd.config.flags import (
     SHORT_FORMS,
     SWAPD_OWNED,
     FlagValue,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from swapd.footprint import Footprint, FootprintStore, definition_key
+from swapd.core.footprint import Footprint, FootprintStore, definition_key
 
 MiB = 2**20
 

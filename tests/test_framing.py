@@ -1,4 +1,4 @@
-"""The chunk scanner the fast path relays llama-server's answers with (``swapd.wire``).
+"""The chunk scanner the fast path relays llama-server's answers with (``swapd.net.wire``).
 
 It must find the exact end of a chunked body however the bytes are split into reads,
 decode the same payload h11 does, and refuse malformed framing rather than relay past it.
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swapd.wire import ChunkScanner, FramingError, chunk, response_head
+from swapd.net.wire import ChunkScanner, FramingError, chunk, response_head
 
 
 def h11_chunked(pieces: list[bytes], trailers: list[tuple[bytes, bytes]]) -> bytes:

@@ -27,8 +27,8 @@ import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from swapd.app import create_app
 from swapd.config import parse_config
+from swapd.http.app import create_app
 from swapd.serve import open_server
 from tests.support.rawhttp import exchange, request_bytes
 from tests.test_api import config_text

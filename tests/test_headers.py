@@ -14,11 +14,11 @@ from typing import Any
 import h11
 import trio
 
-from swapd.app import frontend_for
 from swapd.config import Config, Profile
+from swapd.core.supervisor import Supervisor
+from swapd.http.app import frontend_for
+from swapd.net.upstream import ChildPool
 from swapd.serve import fast_path
-from swapd.supervisor import Supervisor
-from swapd.upstream import ChildPool
 from tests.support.rawhttp import request_bytes, wire_exchange
 from tests.test_supervisor import FakeLauncher, FakeProc, make_config
 

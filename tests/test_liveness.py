@@ -31,7 +31,7 @@ import trio
 import trio.testing
 
 from swapd.config import parse_config
-from swapd.fastpath import BodyReader, RequestError
+from swapd.http.fastpath import BodyReader, RequestError
 from swapd.serve import Running, open_server
 from tests.support.rawhttp import error_code
 from tests.test_api import chat, config_text, sse_events, swapd

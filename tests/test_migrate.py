@@ -1,4 +1,4 @@
-"""Importing llama-swap configs and router/sidecar manifests (``swapd.migrate``).
+"""Importing llama-swap configs and router/sidecar manifests (``swapd.cli.migrate``).
 
 Every imported config must load with the real loader, build each profile's argv, and
 validate against the config's JSON Schema; what cannot be carried over is listed.
@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from swapd import config as cfg
 from swapd.cli import main
+from swapd.cli.migrate import import_llama_swap, import_manifest, run_import
 from swapd.config import Config, parse_config
+from swapd.config.flags import build_argv
+from swapd.config.schema import config_schema
 from swapd.errors import ConfigError
-from swapd.flags import build_argv
-from swapd.migrate import import_llama_swap, import_manifest, run_import
-from swapd.schema import config_schema
 from tests.support.llama_build import find_llama_server
 from tests.test_flags import HELP
 from tests.test_schema import mini_problems

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from swapd.notify import Notifier, status_text
+from swapd.observe.notify import Notifier, status_text
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_unusable_notify_socket_values_disable_notification() -> None:
 def test_send_failures_never_raise_and_log_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notifier = Notifier(str(tmp_path / "nobody-listens"))
-    with caplog.at_level(logging.WARNING, logger="swapd.notify"):
+    with caplog.at_level(logging.WARNING, logger="swapd.observe.notify"):
         assert not notifier.ready()
         assert not notifier.status("idle")
         assert not notifier.watchdog()

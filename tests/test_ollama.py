@@ -23,8 +23,8 @@ import pytest
 import trio
 
 from swapd.config import parse_config
-from swapd.ollama import OllamaError, parse_keep_alive, translate
-from swapd.progress import PREFIX
+from swapd.http.ollama import OllamaError, parse_keep_alive, translate
+from swapd.http.progress import PREFIX
 from swapd.serve import Running, open_server
 from tests.conftest import FAKE_LLAMA_SERVER
 from tests.support.tiny_gguf import write_header_only

@@ -1,7 +1,7 @@
 """The residency planner: worked examples, then properties over generated snapshots.
 
 The planner is a pure function, so these tests need no process, no clock and no trio.
-The properties are the rules in ``swapd/planner.py``'s docstring; each is checked
+The properties are the rules in ``swapd/core/planner.py``'s docstring; each is checked
 against a brute force over every subset of the resident models.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swapd.planner import UNLIMITED, Load, Never, Phase, Resident, Target, Wait, plan
+from swapd.core.planner import UNLIMITED, Load, Never, Phase, Resident, Target, Wait, plan
 
 GiB = 2**30
 

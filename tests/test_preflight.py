@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from swapd import preflight
 from swapd.config import Config, parse_config
-from swapd.preflight import Preflight
+from swapd.core import preflight
+from swapd.core.preflight import Preflight
 from tests.conftest import FAKE_LLAMA_SERVER
 from tests.support.tiny_gguf import write_header_only
 

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import trio
 
-from swapd import process
+from swapd.core import process
+from swapd.core.footprint import Footprint
 from swapd.errors import StartFailed, StartTimeout
-from swapd.footprint import Footprint
 from tests.conftest import FAKE_LLAMA_SERVER
 
 HOST = "127.0.0.1"
@@ -174,7 +174,7 @@ def test_child_dies_with_swapd_even_on_sigkill(tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
         import sys, trio
-        from swapd import process
+        from swapd.core import process
         async def main():
             port = process.free_port("127.0.0.1")
             argv = {fake_argv(0)!r}

@@ -18,7 +18,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swapd.progress import (
+from swapd.http.progress import (
     END,
     PREFIX,
     OneId,

@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from swapd.config import parse_config
-from swapd.process import LlamaProcess
-from swapd.progress import PREFIX
+from swapd.core.process import LlamaProcess
+from swapd.http.progress import PREFIX
 from swapd.serve import open_server
 from tests.support.llama_feed import open_feed
 

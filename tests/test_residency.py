@@ -14,9 +14,9 @@ import trio
 import trio.testing
 
 from swapd.config import Config, Profile, parse_config
+from swapd.core.supervisor import Evicted, State, Supervisor, Swapped
 from swapd.errors import ModelCrashed, Unavailable, WontFit
-from swapd.metrics import Metrics
-from swapd.supervisor import Evicted, State, Supervisor, Swapped
+from swapd.observe.metrics import Metrics
 from tests.support.tiny_gguf import write_header_only
 from tests.test_supervisor import FakeLauncher, FakePreflight, FakeProc, start_supervisor, use
 
@@ -370,7 +370,7 @@ async def test_a_pinned_model_that_crashes_comes_back_after_its_backoff(
 
 async def test_budget_mode_with_no_known_gpu_memory_refuses_to_start(
         tmp_path: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from swapd import supervisor as module
+    from swapd.core import supervisor as module
     from swapd.errors import ConfigError
     monkeypatch.setattr(module, "detect_gpu_memory", lambda: None)  # no nvidia-smi
     config = residency_config(tmp_path, gpus="[]")
@@ -411,7 +411,7 @@ async def test_nothing_more_is_evicted_for_a_load_while_its_victims_stop(
 
 
 def test_progress_describes_the_waited_for_model_while_several_load() -> None:
-    from swapd.progress import describe
+    from swapd.http.progress import describe
     status = {"state": "starting", "active": "b", "waiting": {"a": 1, "b": 1},
               "load_elapsed": 1.0, "load_expected": 2.0, "phase": None,
               "resident": [{"name": "b", "state": "starting", "load_elapsed": 1.0,
@@ -425,7 +425,7 @@ def test_progress_describes_the_waited_for_model_while_several_load() -> None:
 def test_progress_does_not_say_a_stop_is_for_this_model_while_another_loads() -> None:
     """slow (the most recently used) stops while alpha loads, for other requests; beta
     waits behind alpha. The line used to say "stopping slow to load beta"."""
-    from swapd.progress import describe
+    from swapd.http.progress import describe
     status = {"state": "stopping", "active": "slow", "waiting": {"alpha": 2, "beta": 1},
               "phase": None, "load_elapsed": None, "load_expected": None,
               "resident": [{"name": "slow", "state": "stopping"},

@@ -1,4 +1,4 @@
-"""The JSON Schema of the config (``swapd.schema``) stays true to the loader.
+"""The JSON Schema of the config (``swapd.config.schema``) stays true to the loader.
 
 Validation uses the ``jsonschema`` package where it is installed, and always a small
 validator below for the subset of JSON Schema the generated schema uses, so these tests
@@ -20,8 +20,8 @@ import yaml
 
 from swapd import config as cfg
 from swapd.config import parse_config, parse_duration, parse_size
+from swapd.config.schema import DESCRIPTIONS, SCHEMA_DIALECT, config_schema, schema_text
 from swapd.errors import ConfigError
-from swapd.schema import DESCRIPTIONS, SCHEMA_DIALECT, config_schema, schema_text
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "swapd.example.yaml"

@@ -16,15 +16,15 @@ import httpx
 import pytest
 import trio
 
-from swapd.app import create_app, frontend_for
-from swapd.auth import load_keys
 from swapd.config import Config, Profile, Security, parse_config
+from swapd.core.supervisor import Supervisor
 from swapd.errors import ConfigError
-from swapd.fastpath import NATIVE_POSTS
-from swapd.proxy import KNOWN_ROUTES
+from swapd.http.app import create_app, frontend_for
+from swapd.http.auth import load_keys
+from swapd.http.fastpath import NATIVE_POSTS
+from swapd.http.proxy import KNOWN_ROUTES
+from swapd.net.upstream import ChildPool
 from swapd.serve import fast_path, open_server
-from swapd.supervisor import Supervisor
-from swapd.upstream import ChildPool
 from tests.support.rawhttp import exchange, request_bytes, wire_exchange
 from tests.test_api import chat, config_text, swapd
 from tests.test_supervisor import FakeLauncher, FakeProc, make_config
@@ -334,7 +334,7 @@ async def test_a_port_holder_is_named_to_clients_by_pid_and_program_only(
         port = int(await trio.to_thread.run_sync(holder.stdout.readline))
         config = json.loads(config_text(tmp_path))
         config["llama_server"]["port"] = port
-        caplog.set_level(logging.WARNING, "swapd.process")
+        caplog.set_level(logging.WARNING, "swapd.core.process")
         async with open_server(parse_config(json.dumps(config))) as running, \
                 httpx.AsyncClient(base_url=running.url, timeout=30) as client:
             answer = await client.post("/v1/chat/completions", json=chat("a"))

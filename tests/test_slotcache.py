@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from swapd.config import Config, parse_config
-from swapd.slotcache import SlotCache
+from swapd.core.slotcache import SlotCache
 
 
 class Child:
@@ -76,7 +76,7 @@ async def test_a_save_that_costs_more_than_it_saves_is_skipped_and_logged(
     # First save: nothing learned yet, so it saves (500 bytes/token: 2 MB).
     await cache.save(Child("a", llama(slots), prompt_tps=50_000.0), cfg.profiles["a"])
     cache._disk_bps = 1e6  # a slow disk: 2 x 2 MB takes 4 s
-    caplog.set_level(logging.INFO, "swapd.slotcache")
+    caplog.set_level(logging.INFO, "swapd.core.slotcache")
     outcome = await cache.save(Child("a", llama(slots), prompt_tps=50_000.0),
                                cfg.profiles["a"])
     assert outcome.slots == 0

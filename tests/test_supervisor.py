@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from swapd.config import Config, Profile, parse_config
+from swapd.core.supervisor import IllegalTransition, State, Supervisor
 from swapd.errors import (
     CircuitOpen,
     LocalFailed,
@@ -32,7 +33,6 @@ from swapd.errors import (
     Unavailable,
     UnknownModel,
 )
-from swapd.supervisor import IllegalTransition, State, Supervisor
 from tests.support.tiny_gguf import write_header_only, write_tiny_llama
 
 _pids = itertools.count(1000)

@@ -12,7 +12,7 @@ import h11
 import pytest
 import trio
 
-from swapd.upstream import ChildPool, UpstreamError, UpstreamTimeout
+from swapd.net.upstream import ChildPool, UpstreamError, UpstreamTimeout
 
 
 class Server:

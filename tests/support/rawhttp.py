@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import trio
 
-from swapd.fastpath import FastPath
+from swapd.http.fastpath import FastPath
 
 ANSWER_TIMEOUT = 15.0
 """Real-time deadline for one answer: turns a hang into a failure, never a measurement."""

@@ -50,11 +50,11 @@ import attrs
 import httpx
 import trio
 
-from .config import Config, Profile, host_port
-from .errors import StartFailed, StartTimeout
-from .flags import build_argv
-from .statedir import WriteErrors
-from .upstream import ChildPool, UpstreamError
+from swapd.config import Config, Profile, host_port
+from swapd.config.flags import build_argv
+from swapd.core.statedir import WriteErrors
+from swapd.errors import StartFailed, StartTimeout
+from swapd.net.upstream import ChildPool, UpstreamError
 
 log = logging.getLogger(__name__)
 

@@ -53,8 +53,8 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn
 
+from swapd.config.flags import SWAPD_OWNED, FlagValue, canonical_flag, format_value
 from swapd.errors import ConfigError
-from swapd.flags import SWAPD_OWNED, FlagValue, canonical_flag, format_value
 
 __all__ = [
     "Config", "Fallback", "FlagValue", "FrozenDict", "Gpu", "Listen", "LlamaServer", "Logs",
@@ -453,7 +453,7 @@ def _flag_value(key: str, value: object) -> FlagValue:
 
 
 def _read_flags(value: object) -> FrozenDict[str, FlagValue]:
-    """llama-server flags as written (translated later by :mod:`swapd.flags`)."""
+    """llama-server flags as written (translated later by :mod:`swapd.config.flags`)."""
     if value is None:
         return FrozenDict()
     if not isinstance(value, Mapping):
@@ -710,7 +710,7 @@ class Security:
 
 @attrs.frozen
 class Cors:
-    """Which web pages may call swapd from a browser (``swapd/cors.py``). None: ``*`` when
+    """Which web pages may call swapd from a browser (``swapd/http/cors.py``). None: ``*`` when
     API keys are set, else pages served from this machine (loopback origins) only."""
 
     allow_origins: Origins | None = attrs.field(

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import attrs
 
-from .config import Security
-from .errors import ConfigError
+from swapd.config import Security
+from swapd.errors import ConfigError
 
 OPEN_PATHS = frozenset({"/health", "/"})
 ADMIN_PREFIXES = ("/swapd/", "/metrics", "/models/")

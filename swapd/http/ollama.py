@@ -26,11 +26,11 @@ from typing import Any
 import attrs
 import trio
 
-from .config import Fallback, Profile
-from .errors import LeaseError
-from .fastpath import OLLAMA_POSTS, Exchange, RequestError
-from .proxy import InferenceProxy, encode_json, parse_json_object
-from .upstream import ChildResponse, HttpxResponse, UpstreamError
+from swapd.config import Fallback, Profile
+from swapd.errors import LeaseError
+from swapd.http.fastpath import OLLAMA_POSTS, Exchange, RequestError
+from swapd.http.proxy import InferenceProxy, encode_json, parse_json_object
+from swapd.net.upstream import ChildResponse, HttpxResponse, UpstreamError
 
 log = logging.getLogger(__name__)
 

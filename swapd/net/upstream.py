@@ -29,8 +29,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 import httpx
 import trio
 
-from .config import host_port
-from .wire import ChunkScanner, FramingError, close_raw, raw_socket, send_some, wait_recv
+from swapd.config import host_port
+from swapd.net.wire import ChunkScanner, FramingError, close_raw, raw_socket, send_some, wait_recv
 
 RECEIVE_SIZE = 65536
 

@@ -53,9 +53,14 @@ from typing import Any
 import attrs
 import trio
 
-from . import planner, process
-from .config import Config, Profile
-from .errors import (
+from swapd.config import Config, Profile
+from swapd.config.flags import canonical_flag
+from swapd.core import planner, process
+from swapd.core.footprint import Footprint, FootprintStore, definition_key
+from swapd.core.preflight import Preflight, PreflightCheck
+from swapd.core.slotcache import SLOT_TIMEOUT, SlotCache
+from swapd.core.statedir import WriteErrors
+from swapd.errors import (
     CircuitOpen,
     ConfigError,
     LeaseError,
@@ -72,12 +77,7 @@ from .errors import (
     UnknownModel,
     WontFit,
 )
-from .estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
-from .flags import canonical_flag
-from .footprint import Footprint, FootprintStore, definition_key
-from .preflight import Preflight, PreflightCheck
-from .slotcache import SLOT_TIMEOUT, SlotCache
-from .statedir import WriteErrors
+from swapd.estimate import detect_gpu_memory, estimate_profile, format_bytes, suggest_fix
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 
 from swapd import config as cfg
-from swapd.flags import LEGACY_NAMES, SHORT_FORMS, SWAPD_OWNED
+from swapd.config.flags import LEGACY_NAMES, SHORT_FORMS, SWAPD_OWNED
 
 __all__ = ["DESCRIPTIONS", "SCHEMA_DIALECT", "config_schema", "schema_text"]
 
@@ -341,7 +341,7 @@ def _field_type(hint: Any, key: str, defs: dict[str, Schema]) -> Schema:
         if reader is not None and reader.read in _READ_FUNCTIONS:
             return dict(_READ_FUNCTIONS[reader.read])
         raise TypeError(f"{key}: no JSON Schema for the config reader {hint!r}; "
-                        "add it to swapd/schema.py")
+                        "add it to swapd/config/schema.py")
     if origin in (typing.Union, UnionType):
         options = [a for a in args if a is not NoneType]
         if len(options) == 1 and len(args) == 2:
@@ -367,7 +367,7 @@ def _field_type(hint: Any, key: str, defs: dict[str, Schema]) -> Schema:
     if hint in simple:
         return dict(simple[hint])
     raise TypeError(f"{key}: no JSON Schema for the config type {hint!r}; "
-                    "add it to swapd/schema.py")
+                    "add it to swapd/config/schema.py")
 
 
 def _section(cls: type, key: str, defs: dict[str, Schema]) -> Schema:

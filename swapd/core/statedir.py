@@ -30,7 +30,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import StateDirBusy
+from swapd.errors import StateDirBusy
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,18 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import __version__, cors, llama_router, progress
-from .auth import Keys, load_keys
-from .catalog import ModelEntry, build_catalog
-from .config import Config, Profile, load_config
-from .errors import ConfigError, LeaseError
-from .fallback import FallbackChain
-from .fastpath import NATIVE_POSTS, OLLAMA_POSTS, RequestError, error_body, is_ollama_path
-from .metrics import Metrics
-from .process import ChildLog
-from .proxy import parse_json_object
-from .supervisor import State, Supervisor
+from swapd import __version__
+from swapd.config import Config, Profile, load_config
+from swapd.core.process import ChildLog
+from swapd.core.supervisor import State, Supervisor
+from swapd.errors import ConfigError, LeaseError
+from swapd.http import cors, llama_router, progress
+from swapd.http.auth import Keys, load_keys
+from swapd.http.catalog import ModelEntry, build_catalog
+from swapd.http.fallback import FallbackChain
+from swapd.http.fastpath import NATIVE_POSTS, OLLAMA_POSTS, RequestError, error_body, is_ollama_path
+from swapd.http.proxy import parse_json_object
+from swapd.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def create_app(frontend: Frontend) -> QuartTrio:
 def served_app(frontend: Frontend) -> Any:
     """The ASGI callable hypercorn serves: the Quart app, with the last send of every
     answer shielded (``_shield_last_send`` says why) and CORS headers on every answer
-    to an allowed origin (``swapd/cors.py``)."""
+    to an allowed origin (``swapd/http/cors.py``)."""
     quart: Any = create_app(frontend)
     cached: tuple[Config | None, cors.Policy] = (None, cors.Policy())
 
@@ -492,7 +493,7 @@ def _discovery_routes(app: QuartTrio, fe: Frontend) -> None:
 
 def _page_routes(app: QuartTrio) -> None:
     """The status page: static files shipped in the package (no build step, no CDN)."""
-    ui = resources.files("swapd") / "ui"
+    ui = resources.files("swapd.http") / "ui"
     types = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
              ".svg": "image/svg+xml"}  # Quart adds the charset
 
@@ -663,7 +664,7 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
 
 
 def _llama_router_routes(app: QuartTrio, fe: Frontend) -> None:
-    """llama.cpp's router API (``swapd/llama_router.py``): its answers and errors."""
+    """llama.cpp's router API (``swapd/http/llama_router.py``): its answers and errors."""
 
     def llama_error(status: int, message: str) -> Response:
         return Response(llama_router.error_body(status, message), status=status,

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from swapd.flags import FlagValue, canonical_flag
+from swapd.config.flags import FlagValue, canonical_flag
 
 if TYPE_CHECKING:
     from swapd.config import Profile

@@ -22,14 +22,21 @@ import httpx
 import trio
 from prometheus_client import Counter, Histogram
 
-from . import progress
-from .config import Config, Fallback, Profile
-from .errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel, WontFit
-from .fallback import RETRY_NEXT, FallbackChain, describe
-from .fastpath import HOP_BY_HOP, NATIVE_POSTS, OLLAMA_POSTS, Exchange, RequestError, forwardable
-from .metrics import Metrics
-from .supervisor import Lease, Supervisor
-from .upstream import HttpxResponse, UpstreamError
+from swapd.config import Config, Fallback, Profile
+from swapd.core.supervisor import Lease, Supervisor
+from swapd.errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel, WontFit
+from swapd.http import progress
+from swapd.http.fallback import RETRY_NEXT, FallbackChain, describe
+from swapd.http.fastpath import (
+    HOP_BY_HOP,
+    NATIVE_POSTS,
+    OLLAMA_POSTS,
+    Exchange,
+    RequestError,
+    forwardable,
+)
+from swapd.net.upstream import HttpxResponse, UpstreamError
+from swapd.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

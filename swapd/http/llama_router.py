@@ -35,8 +35,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import Profile
-from .supervisor import Event
+from swapd.config import Profile
+from swapd.core.supervisor import Event
 
 PROGRESS_INTERVAL = 0.5
 """Seconds between progress samples on ``/models/sse`` while a model loads (llama.cpp

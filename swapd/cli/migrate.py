@@ -4,7 +4,7 @@ Both importers return an :class:`Imported`: a commented swapd YAML config, the l
 what could not be carried over (each item naming where it was and what to do instead),
 and for each model of the source whether it was imported and why not. The config they
 write always loads (:func:`swapd.config.parse_config`), and every profile's argv builds
-(:func:`swapd.flags.build_argv`); what they cannot express is left out and listed, never
+(:func:`swapd.config.flags.build_argv`); what they cannot express is left out and listed, never
 guessed. ``swapd check`` is the next step: it checks flag names against the real
 ``llama-server --help`` and that the model files exist.
 
@@ -45,8 +45,8 @@ import attrs
 import yaml
 
 from swapd import config as cfg
+from swapd.config.flags import FlagValue, canonical_flag, format_value, normalize_flag
 from swapd.errors import ConfigError
-from swapd.flags import FlagValue, canonical_flag, format_value, normalize_flag
 
 __all__ = ["IMPORTERS", "Imported", "import_llama_swap", "import_manifest", "run_import"]
 

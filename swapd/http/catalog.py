@@ -16,8 +16,8 @@ import os
 
 import attrs
 
-from .config import Config, Profile
-from .estimate import Estimate, LayoutCache, ModelLayoutError, estimate_profile, slot_context
+from swapd.config import Config, Profile
+from swapd.estimate import Estimate, LayoutCache, ModelLayoutError, estimate_profile, slot_context
 
 log = logging.getLogger(__name__)
 

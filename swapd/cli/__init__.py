@@ -34,9 +34,10 @@ import attrs
 import httpx
 import trio
 
-from swapd import planner
-from swapd.auth import load_keys
 from swapd.config import Config, load_config, missing_model_files
+from swapd.config.flags import build_argv, parse_help_flags, unknown_flags
+from swapd.core import planner
+from swapd.core.preflight import HELP_TIMEOUT
 from swapd.errors import ConfigError
 from swapd.estimate import (
     Estimate,
@@ -46,8 +47,7 @@ from swapd.estimate import (
     format_report,
     parse_gpu_memory,
 )
-from swapd.flags import build_argv, parse_help_flags, unknown_flags
-from swapd.preflight import HELP_TIMEOUT
+from swapd.http.auth import load_keys
 
 AUTO_PORT = "<auto>"
 
@@ -69,12 +69,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     if args.command == "serve":
         return _serve(args.config)
     if args.command == "schema":
-        from swapd.schema import schema_text
+        from swapd.config.schema import schema_text
 
         (out or sys.stdout).write(schema_text())
         return 0
     if args.command == "import":
-        from swapd.migrate import run_import
+        from swapd.cli.migrate import run_import
 
         return run_import(args.kind, args.source, args.output, out=out, err=err)
     if args.command in CLIENT_COMMANDS:

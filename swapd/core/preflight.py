@@ -30,9 +30,9 @@ from pathlib import Path
 
 import trio
 
-from .config import Config, Profile
-from .estimate import LayoutCache, ModelFileError, ModelLayoutError
-from .flags import parse_help_flags, sets_flag, unknown_flags
+from swapd.config import Config, Profile
+from swapd.config.flags import parse_help_flags, sets_flag, unknown_flags
+from swapd.estimate import LayoutCache, ModelFileError, ModelLayoutError
 
 log = logging.getLogger(__name__)
 

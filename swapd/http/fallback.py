@@ -22,7 +22,7 @@ import attrs
 import httpx
 import trio
 
-from .config import Fallback
+from swapd.config import Fallback
 
 log = logging.getLogger(__name__)
 

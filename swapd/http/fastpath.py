@@ -37,11 +37,19 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from . import cors, progress
-from .auth import path_problem
-from .config import Config
-from .upstream import ChildResponse, HttpxResponse, UpstreamError
-from .wire import LAST_CHUNK, chunk, close_raw, raw_socket, recv_some, response_head, send_all
+from swapd.config import Config
+from swapd.http import cors, progress
+from swapd.http.auth import path_problem
+from swapd.net.upstream import ChildResponse, HttpxResponse, UpstreamError
+from swapd.net.wire import (
+    LAST_CHUNK,
+    chunk,
+    close_raw,
+    raw_socket,
+    recv_some,
+    response_head,
+    send_all,
+)
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ import attrs
 import httpx
 import trio
 
-from .config import Config, Profile
-from .statedir import WriteErrors
+from swapd.config import Config, Profile
+from swapd.core.statedir import WriteErrors
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from .config import Config
+from swapd.config import Config
 
 MAX_AGE = 7200
 """Seconds a browser may cache a preflight's answer (Chromium's own upper bound)."""

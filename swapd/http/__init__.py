@@ -1,0 +1,1 @@
+"""What speaks HTTP to clients: the fast path, the Quart app and the translations."""

@@ -1,0 +1,1 @@
+"""What others watch swapd through: Prometheus metrics and systemd's notify socket."""
