@@ -3,7 +3,7 @@
 swapd always runs as its own process (``python -m swapd serve``) so that its CPU time
 and its RSS are its own, never the load generator's. Upstreams that the benchmark
 spawns itself (the "direct" side of the swap figures) get exactly the argv swapd would
-use (``swapd.config.flags.build_argv``), and their exit is awaited on a pidfd, like swapd does.
+use (``swapd.config.argv.build_argv``), and their exit is awaited on a pidfd, like swapd does.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from swapd.procs import HOST, ROOT, Swapd, cpu_seconds, free_port, kill, spawn, 
 from swapd.stats import spread
 
 from swapd.config import parse_config
-from swapd.config.flags import build_argv
+from swapd.config.argv import build_argv
 
 PACED = ROOT / "bench" / "paced.py"
 FLOOR = ROOT / "bench" / "floor.py"

@@ -55,7 +55,7 @@ from swapd.stats import spread, summarize
 
 from swapd import workloads
 from swapd.config import Config, parse_config
-from swapd.config.flags import build_argv
+from swapd.config.argv import build_argv
 
 Side = str  # "direct" or "swapd"
 MS = 1000.0
@@ -613,7 +613,7 @@ def config_load(report: Report) -> None:
     repeats = report.plan.config_repeats
     report.say(f"config: parse_config with {n} profiles x {repeats}")
     total, yaml_only = [], []
-    loader = getattr(config_module, "_StrictLoader", yaml.SafeLoader)
+    loader = getattr(config_module, "StrictLoader", yaml.SafeLoader)
     for _ in range(repeats):
         t0 = clock()
         parsed = parse_config(text)

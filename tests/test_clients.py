@@ -163,7 +163,7 @@ async def test_every_example_in_clients_md_runs(block: Block, tmp_path: Path,
 async def test_hide_progress_hides_it(tmp_path: Path) -> None:
     (fragment,) = [b for b in blocks(CLIENTS) if b.title == "hide-progress"]
     stream = next(b for b in RUNNABLE if b.title == "openai-stream")
-    hidden = yaml.load(fragment.code, Loader=cfg._StrictLoader)
+    hidden = yaml.load(fragment.code, Loader=cfg.StrictLoader)
     async with doc_swapd(tmp_path, **hidden) as running:
         assert running.supervisor.config.progress.reasoning is False
         output = await run_example(stream, running.url)
@@ -175,7 +175,7 @@ def test_yaml_examples_are_valid_config() -> None:
         if block.lang != "yaml":
             continue
         assert block.title, "every yaml block in clients.md needs a title"
-        data = yaml.load(block.code, Loader=cfg._StrictLoader)
+        data = yaml.load(block.code, Loader=cfg.StrictLoader)
         data.setdefault("profiles", {"a": {"model": "a.gguf"}})
         parse_config(json.dumps(data))
         assert mini_problems(config_schema(), data) == [], block.title
@@ -236,7 +236,7 @@ def error_codes() -> dict[str, int | None]:
     for cls in _subclasses(errors.LeaseError):
         codes[cls.code] = cls.status
     code_at = {"fail": 3, "_openai_error": 3, "send_error": 4, "RequestError": 2}
-    for module in ("fastpath.py", "proxy.py", "app.py"):
+    for module in ("http/fastpath.py", "http/proxy.py", "http/app.py"):
         tree = ast.parse((ROOT / "swapd" / module).read_text())
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call) or _name(node.func) not in code_at:
@@ -275,7 +275,7 @@ def test_every_error_code_is_documented_with_its_status() -> None:
 
 
 def test_every_event_kind_is_documented() -> None:
-    source = (ROOT / "swapd" / "supervisor.py").read_text()
+    source = (ROOT / "swapd" / "core" / "supervisor.py").read_text()
     kinds = set(re.findall(r'_publish\("([a-z_]+)"', source)) | {"status"}
     assert len(kinds) > 10
     for kind in sorted(kinds):

@@ -7,11 +7,11 @@ import subprocess
 import pytest
 
 from swapd.config import parse_config
+from swapd.config.argv import build_argv
 from swapd.config.flags import (
     SHORT_FORMS,
     SWAPD_OWNED,
     FlagValue,
-    build_argv,
     canonical_flag,
     flag_argv,
     flag_token,

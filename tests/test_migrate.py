@@ -19,7 +19,7 @@ from swapd import config as cfg
 from swapd.cli import main
 from swapd.cli.migrate import import_llama_swap, import_manifest, run_import
 from swapd.config import Config, parse_config
-from swapd.config.flags import build_argv
+from swapd.config.argv import build_argv
 from swapd.config.schema import config_schema
 from swapd.errors import ConfigError
 from tests.support.llama_build import find_llama_server
@@ -102,7 +102,7 @@ ENV = {"LS_KEY": "never-copied", "MODELS_DIR": "/srv/models", "HF_TOKEN": "hf_ne
 
 def load(text: str) -> Config:
     config = parse_config(text)
-    data = yaml.load(text, Loader=cfg._StrictLoader)
+    data = yaml.load(text, Loader=cfg.StrictLoader)
     assert mini_problems(config_schema(), data) == []
     return config
 

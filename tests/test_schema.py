@@ -134,7 +134,7 @@ def problems(request: pytest.FixtureRequest) -> Callable[[Any], Problems]:
 
 def read(text: str) -> Any:
     """YAML as swapd reads it (only true/false are booleans: 'on' stays text)."""
-    return yaml.load(text, Loader=cfg._StrictLoader)
+    return yaml.load(text, Loader=cfg.StrictLoader)
 
 
 # --- the schema itself ---------------------------------------------------------------

@@ -35,7 +35,8 @@ import httpx
 import trio
 
 from swapd.config import Config, load_config, missing_model_files
-from swapd.config.flags import build_argv, parse_help_flags, unknown_flags
+from swapd.config.argv import build_argv
+from swapd.config.flags import parse_help_flags, unknown_flags
 from swapd.core import planner
 from swapd.core.preflight import HELP_TIMEOUT
 from swapd.errors import ConfigError

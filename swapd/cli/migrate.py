@@ -4,7 +4,7 @@ Both importers return an :class:`Imported`: a commented swapd YAML config, the l
 what could not be carried over (each item naming where it was and what to do instead),
 and for each model of the source whether it was imported and why not. The config they
 write always loads (:func:`swapd.config.parse_config`), and every profile's argv builds
-(:func:`swapd.config.flags.build_argv`); what they cannot express is left out and listed, never
+(:func:`swapd.config.argv.build_argv`); what they cannot express is left out and listed, never
 guessed. ``swapd check`` is the next step: it checks flag names against the real
 ``llama-server --help`` and that the model files exist.
 
@@ -225,7 +225,7 @@ def import_llama_swap(text: str, *, environ: Mapping[str, str] | None = None) ->
     ``text`` is not YAML, has no ``models`` mapping, or no model could be imported.
     """
     source = "llama-swap config"
-    data = cfg._read_yaml(text, source)
+    data = cfg.read_yaml(text, source)
     if not isinstance(data, Mapping) or not isinstance(data.get("models"), Mapping):
         raise ConfigError(["expected a llama-swap config: a mapping with 'models:'"],
                           source=source)
@@ -498,13 +498,13 @@ def _llama_swap_model(model_id: str, body: Any, macros: Mapping[str, str],
         draft.lose(f"{where}.env", "expected a list of NAME=VALUE; left out")
     for item in items if isinstance(items, list) else []:
         var, eq, val = str(item).partition("=")
-        if eq and re.fullmatch(cfg._ENV_NAME, var) and "${env." in val:
+        if eq and re.fullmatch(cfg.ENV_NAME, var) and "${env." in val:
             # Often a secret (HF_TOKEN=${env.HF_TOKEN}): never copied into the file. The
             # child inherits swapd's environment, so it belongs there.
             draft.lose(f"{where}.env", f"{var} came from {val}: not copied (it may be a "
                        f"secret); the child inherits swapd's environment, so set {var} "
                        "there (systemd: /etc/swapd/swapd.env)")
-        elif eq and re.fullmatch(cfg._ENV_NAME, var):
+        elif eq and re.fullmatch(cfg.ENV_NAME, var):
             profile.env[var] = _expand(val, local, environ, f"{where}.env", draft)
         else:
             draft.lose(f"{where}.env", f"{item!r} is not NAME=VALUE; left out")
@@ -678,7 +678,7 @@ def _split_env_prefix(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     env: dict[str, str] = {}
     if argv and PurePosixPath(argv[0]).name == "env":
         rest = argv[1:]
-        while rest and re.fullmatch(rf"{cfg._ENV_NAME.pattern}=.*", rest[0], re.S):
+        while rest and re.fullmatch(rf"{cfg.ENV_NAME.pattern}=.*", rest[0], re.S):
             var, _, val = rest.pop(0).partition("=")
             env[var] = val
         return env, rest
@@ -817,7 +817,7 @@ def import_manifest(text: str) -> Imported:
     :class:`ConfigError` when ``text`` is not YAML or has no profiles mapping.
     """
     source = "manifest"
-    data = cfg._read_yaml(text, source)
+    data = cfg.read_yaml(text, source)
     key = next((k for k in ("profiles", "models") if isinstance(data, Mapping)
                 and isinstance(data.get(k), Mapping)), None)
     if key is None or not isinstance(data, Mapping):
@@ -917,7 +917,7 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
     env = body.get("env")
     if isinstance(env, Mapping):
         for var, val in env.items():
-            if re.fullmatch(cfg._ENV_NAME, str(var)) and not isinstance(val, Mapping | list):
+            if re.fullmatch(cfg.ENV_NAME, str(var)) and not isinstance(val, Mapping | list):
                 profile.env[str(var)] = _text(val)
             else:
                 draft.lose(f"{where}.env.{var}", "not NAME: VALUE; left out")
@@ -1119,7 +1119,7 @@ def _scalar(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=math.inf,
                           sort_keys=False)
     text = text.removesuffix("\n").removesuffix("\n...").strip()
-    if yaml.load(text, Loader=cfg._StrictLoader) != value:  # '1e6' is a number to swapd
+    if yaml.load(text, Loader=cfg.StrictLoader) != value:  # '1e6' is a number to swapd
         text = json.dumps(value, ensure_ascii=False)  # JSON is YAML, every string quoted
     return text
 

@@ -1,7 +1,7 @@
 """Turn a profile's ``flags`` mapping into llama-server's argv (SPEC §2).
 
-The whole translation is :func:`flag_argv`; :func:`build_argv` puts swapd's own flags in
-front. Every rule is small and table-tested:
+The whole translation is :func:`flag_argv`; :func:`swapd.config.argv.build_argv` puts
+swapd's own flags in front. Every rule is small and table-tested:
 
 * **Names.** Leading dashes are optional and ``_`` becomes ``-`` (``--ctx_size`` ->
   ``ctx-size``). Names from older llama.cpp servers, llama-cpp-python and Ollama are mapped
@@ -29,10 +29,7 @@ import difflib
 import re
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypeAlias
-
-if TYPE_CHECKING:
-    from swapd.config import Config, Profile
+from typing import TypeAlias
 
 FlagScalar: TypeAlias = str | int | float
 FlagValue: TypeAlias = (
@@ -163,21 +160,6 @@ def sets_flag(flags: Mapping[str, FlagValue], canonical: str) -> bool:
         canonical_flag(key) == canonical and value is not None and value is not False
         for key, value in flags.items()
     )
-
-
-def build_argv(config: Config, profile: Profile, port: int) -> list[str]:
-    """The exact argv that starts ``profile`` on ``port``.
-
-    swapd passes ``--model``, ``--host`` and ``--port`` itself, and ``--alias`` with the
-    profile's name so that llama-server's ``/v1/models`` and ``/props`` name the profile
-    rather than the model path; a profile that sets ``alias`` in its flags keeps its own.
-    """
-    server = config.llama_server
-    argv = [*server.command, "--model", str(profile.model),
-            "--host", server.host, "--port", str(port)]
-    if not sets_flag(profile.flags, "alias"):
-        argv += ["--alias", profile.name]
-    return argv + flag_argv(profile.flags)
 
 
 # --- llama-server --help -------------------------------------------------------------

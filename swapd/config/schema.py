@@ -36,7 +36,7 @@ from typing import Any
 
 import attrs
 
-from swapd import config as cfg
+from swapd.config import load, model, problems, readers
 from swapd.config.flags import LEGACY_NAMES, SHORT_FORMS, SWAPD_OWNED
 
 __all__ = ["DESCRIPTIONS", "SCHEMA_DIALECT", "config_schema", "schema_text"]
@@ -45,7 +45,7 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 Schema = dict[str, Any]
 
-DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
+DESCRIPTIONS: Mapping[str, str] = readers.FrozenDict({
     "listen": "Where swapd serves HTTP: HOST:PORT, [::1]:PORT or :PORT (loopback). "
               "0.0.0.0:9001 serves a LAN: set API keys then.",
     "listen.host": "Address to bind; 0.0.0.0 or :: serve every interface.",
@@ -189,8 +189,8 @@ DESCRIPTIONS: Mapping[str, str] = cfg.FrozenDict({
 # --- scalar schemas, built from the loader's own patterns ---------------------------
 
 def _duration_pattern() -> str:
-    number = cfg._NUMBER
-    units = "|".join(sorted(cfg._DURATION_UNITS, key=len, reverse=True))
+    number = readers._NUMBER
+    units = "|".join(sorted(readers._DURATION_UNITS, key=len, reverse=True))
     return rf"^\s*(?:{number}|(?:{number}(?:{units}))+)\s*$"
 
 
@@ -198,8 +198,8 @@ def _size_pattern() -> str:
     def any_case(unit: str) -> str:
         return "".join(f"[{c.upper()}{c.lower()}]" for c in unit)
 
-    units = "|".join(any_case(u) for u in sorted(cfg._SIZE_UNITS, key=len, reverse=True))
-    return rf"^\s*{cfg._NUMBER}\s*(?:{units})?\s*$"
+    units = "|".join(any_case(u) for u in sorted(readers._SIZE_UNITS, key=len, reverse=True))
+    return rf"^\s*{readers._NUMBER}\s*(?:{units})?\s*$"
 
 
 def _duration(*, positive: bool) -> Schema:
@@ -241,47 +241,47 @@ _FLAGS: Schema = {
 
 _ENV: Schema = {
     "type": ["object", "null"],
-    "propertyNames": {"pattern": f"^{cfg._ENV_NAME.pattern}$"},
+    "propertyNames": {"pattern": f"^{readers.ENV_NAME.pattern}$"},
     "additionalProperties": {"type": ["string", "number"]},
 }
 
-_NAME: Schema = {"type": "string", "pattern": f"^{cfg._NAME.pattern}$"}
-_ORIGIN: Schema = {"type": "string",  # cfg._ORIGIN, without Python's IGNORECASE flag
+_NAME: Schema = {"type": "string", "pattern": f"^{problems._NAME.pattern}$"}
+_ORIGIN: Schema = {"type": "string",  # readers._ORIGIN, without Python's IGNORECASE flag
                    "pattern": "^([*]|null|[A-Za-z][A-Za-z0-9+.-]*://[^/?#\\s]+)$"}
 
 _PORT: Schema = {"type": "integer", "minimum": 0, "maximum": 65535}
 
-_READERS: Mapping[Any, Schema] = cfg.FrozenDict({
-    cfg.Seconds: _duration(positive=False),
-    cfg.PositiveSeconds: _duration(positive=True),
-    cfg.Count: {"type": "integer", "minimum": 0},
-    cfg.PositiveCount: {"type": "integer", "minimum": 1},
-    cfg.PositiveBytes: _size(positive=True),
-    cfg.Bytes: _size(positive=False),
-    cfg.GpuChoice: {"anyOf": [{"const": "auto"}, {"type": "null"},
+_READERS: Mapping[Any, Schema] = readers.FrozenDict({
+    readers.Seconds: _duration(positive=False),
+    readers.PositiveSeconds: _duration(positive=True),
+    readers.Count: {"type": "integer", "minimum": 0},
+    readers.PositiveCount: {"type": "integer", "minimum": 1},
+    readers.PositiveBytes: _size(positive=True),
+    readers.Bytes: _size(positive=False),
+    readers.GpuChoice: {"anyOf": [{"const": "auto"}, {"type": "null"},
                               {"type": "integer", "minimum": 0},
                               {"type": "array", "minItems": 1, "uniqueItems": True,
                                "items": {"type": "integer", "minimum": 0}}]},
-    cfg.Port: _PORT,
-    cfg.EnvName: {"type": "string", "pattern": f"^{cfg._ENV_NAME.pattern}$"},
-    cfg.Env: _ENV,
-    cfg.Flags: _FLAGS,
-    cfg.Names: {"anyOf": [_NAME, {"type": "array", "items": _NAME}]},
-    cfg.Origins: {"anyOf": [_ORIGIN, {"type": "array", "items": _ORIGIN}]},
+    readers.Port: _PORT,
+    readers.EnvName: {"type": "string", "pattern": f"^{readers.ENV_NAME.pattern}$"},
+    readers.Env: _ENV,
+    readers.Flags: _FLAGS,
+    readers.Names: {"anyOf": [_NAME, {"type": "array", "items": _NAME}]},
+    readers.Origins: {"anyOf": [_ORIGIN, {"type": "array", "items": _ORIGIN}]},
 })
 """The shared field types of :mod:`swapd.config` (``Annotated`` aliases) and their schema."""
 
-_READ_FUNCTIONS: Mapping[Any, Schema] = cfg.FrozenDict({
-    cfg._read_command: {"anyOf": [
+_READ_FUNCTIONS: Mapping[Any, Schema] = readers.FrozenDict({
+    readers._read_command: {"anyOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "minItems": 1, "items": _FLAG_SCALAR}]},
-    cfg._loopback_host: {"type": "string",
+    readers._loopback_host: {"type": "string",
                          "examples": ["127.0.0.1", "::1", "localhost"]},
-    cfg._child_port: {"anyOf": [{"const": "auto"}, {"type": "null"},
+    readers._child_port: {"anyOf": [{"const": "auto"}, {"type": "null"},
                                 {"type": "integer", "minimum": 1, "maximum": 65535}]},
-    cfg._http_url: {"type": "string", "pattern": "^\\s*https?://[^/\\s]+"},
-    cfg._nonempty_text: {"type": "string", "pattern": "\\S"},
-    cfg._read_mode: {"anyOf": [{"const": "count"}, {"const": "budget"}]},
+    readers._http_url: {"type": "string", "pattern": "^\\s*https?://[^/\\s]+"},
+    readers._nonempty_text: {"type": "string", "pattern": "\\S"},
+    readers._read_mode: {"anyOf": [{"const": "count"}, {"const": "budget"}]},
 })
 """Readers written for one field (``Annotated[..., _Reader(fn)]``), by function."""
 
@@ -295,7 +295,7 @@ _LISTEN_TEXT: Schema = {"type": "string",
 def config_schema() -> dict[str, Any]:
     """The JSON Schema of a swapd config file, as a JSON-ready dict."""
     defs: dict[str, Schema] = {}
-    root = _class_schema(cfg.Config, "", defs)
+    root = _class_schema(model.Config, "", defs)
     return {
         "$schema": SCHEMA_DIALECT,
         "title": "swapd configuration",
@@ -317,7 +317,7 @@ def _class_schema(cls: type, path: str, defs: dict[str, Schema]) -> Schema:
     properties: dict[str, Schema] = {}
     required: list[str] = []
     for field in attrs.fields(cls):
-        if cls is cfg.Profile and field.name == "name":
+        if cls is model.Profile and field.name == "name":
             continue  # a profile's name is its key under 'profiles'
         key = _join(path, field.name)
         properties[field.name] = _describe(_field_type(hints[field.name], key, defs), key,
@@ -337,7 +337,7 @@ def _field_type(hint: Any, key: str, defs: dict[str, Schema]) -> Schema:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Annotated:
-        reader = cfg._reader_of(hint)
+        reader = load._reader_of(hint)
         if reader is not None and reader.read in _READ_FUNCTIONS:
             return dict(_READ_FUNCTIONS[reader.read])
         raise TypeError(f"{key}: no JSON Schema for the config reader {hint!r}; "
@@ -347,13 +347,13 @@ def _field_type(hint: Any, key: str, defs: dict[str, Schema]) -> Schema:
         if len(options) == 1 and len(args) == 2:
             inner = _field_type(options[0], key, defs)
             return {"anyOf": [inner, {"type": "null"}]}
-    if hint is cfg.Listen:
-        listen = _named(cfg.Listen, key, defs, nullable=False)
+    if hint is model.Listen:
+        listen = _named(model.Listen, key, defs, nullable=False)
         return {"anyOf": [_LISTEN_TEXT, _PORT, listen]}
     if attrs.has(hint):
         return _section(hint, key, defs)
-    if origin is Mapping and args == (str, cfg.Profile):
-        profile = _named(cfg.Profile, f"{key}.NAME", defs, nullable=False)
+    if origin is Mapping and args == (str, model.Profile):
+        profile = _named(model.Profile, f"{key}.NAME", defs, nullable=False)
         profile["description"] = DESCRIPTIONS[f"{key}.NAME"]
         return {"type": "object", "minProperties": 1, "propertyNames": _NAME,
                 "additionalProperties": profile}

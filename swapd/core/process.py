@@ -51,7 +51,7 @@ import httpx
 import trio
 
 from swapd.config import Config, Profile, host_port
-from swapd.config.flags import build_argv
+from swapd.config.argv import build_argv
 from swapd.core.statedir import WriteErrors
 from swapd.errors import StartFailed, StartTimeout
 from swapd.net.upstream import ChildPool, UpstreamError
