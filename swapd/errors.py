@@ -20,6 +20,10 @@
     ├── NotReadyNow            (internal) the model is not ready this moment: no lease
     └── ShuttingDown           503: swapd is stopping
 
+    ValueError
+    └── ModelLayoutError       a GGUF header swapd's reader cannot read (the estimate says so)
+        └── ModelFileError     not a model at all: missing, unreadable, not a GGUF
+
 Messages name the object and, where there is one, the fix. Each ``LeaseError`` knows the
 HTTP status and OpenAI error ``type``/``code`` it becomes, so the front end maps errors to
 responses in one place.
@@ -209,3 +213,15 @@ class ShuttingDown(LeaseError):
 
     def __init__(self) -> None:
         super().__init__("swapd is shutting down")
+
+
+class ModelLayoutError(ValueError):
+    """The file is not a GGUF swapd's GGUF reader can read; the message says why."""
+
+
+class ModelFileError(ModelLayoutError):
+    """Not a model at all: the file (or a shard) is missing, unreadable or not a GGUF.
+
+    Unlike a header swapd cannot fully parse (a newer quantization, say), this
+    means llama-server cannot load it either, so a start may be refused up front.
+    """

@@ -1,4 +1,4 @@
-"""The memory estimate (``swapd/estimate/__init__.py``) against ggml's tables and the real server.
+"""The memory estimate (``swapd/estimate/``) against ggml's tables and the real server.
 
 * The ggml type table is checked against the ``gguf`` package's ``GGML_QUANT_SIZES``.
 * The header reader is checked against ``gguf.GGUFReader`` on a generated model.
