@@ -27,8 +27,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from swapd import __version__
 from swapd.config import Config, Profile, load_config
-from swapd.core.process import ChildLog
-from swapd.core.supervisor import State, Supervisor
+from swapd.core import ChildLog, State, Supervisor
 from swapd.errors import ConfigError, LeaseError
 from swapd.http import cors, llama_router, progress
 from swapd.http.auth import Keys, load_keys

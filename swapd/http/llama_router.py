@@ -36,7 +36,7 @@ import json
 from typing import Any
 
 from swapd.config import Profile
-from swapd.core.supervisor import Event
+from swapd.core import Event
 
 PROGRESS_INTERVAL = 0.5
 """Seconds between progress samples on ``/models/sse`` while a model loads (llama.cpp

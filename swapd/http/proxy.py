@@ -23,7 +23,7 @@ import trio
 from prometheus_client import Counter, Histogram
 
 from swapd.config import Config, Fallback, Profile
-from swapd.core.supervisor import Lease, Supervisor
+from swapd.core import Lease, Supervisor
 from swapd.errors import CircuitOpen, LeaseError, LocalFailed, UnknownModel, WontFit
 from swapd.http import progress
 from swapd.http.fallback import RETRY_NEXT, FallbackChain, describe

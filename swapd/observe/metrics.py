@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from swapd.core.supervisor import Crashed, Evicted, Loaded, LoadFailed, State, Supervisor, Swapped
+from swapd.core import Crashed, Evicted, Loaded, LoadFailed, State, Supervisor, Swapped
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
            120, 300)
