@@ -498,6 +498,11 @@ class Exchange:
         a small request's own work here."""
         self.conn.watch.arm(self._abandon)
 
+    def streams_while_waiting(self) -> bool:
+        """Whether a wait for a load gets the early 200 and keep-alives (a streaming
+        route with an in-band shape for them), or a status once it ends."""
+        return self.stream and progress.shape_for(self.request.path) is not None
+
     def waiting(self) -> trio.CancelScope:
         """A scope for a wait (a lease, a fallback) that the client leaving cancels."""
         self.watch()

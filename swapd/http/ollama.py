@@ -8,9 +8,10 @@ translated body), load progress. Only the answer differs: ``OllamaExchange`` dec
 the upstream's SSE or JSON (``Answer``, sans-IO) and writes Ollama's NDJSON lines or
 JSON object, and every error as Ollama's ``{"error": "..."}``.
 
-A waiting stream gets its 200 at once, like a chat completion: swapd's progress lines
-then go in ``message.thinking`` if the request asked for thinking (``think``), and
-otherwise only empty ``content`` lines keep the connection alive until the answer.
+A waiting stream that asked for thinking (``think``) gets its 200 at once, like a chat
+completion, and swapd's progress lines go in ``message.thinking``, with empty
+``content`` lines as keep-alives. Any other waits as Ollama's own server makes it
+wait: nothing sent until the answer, and an error as its status.
 """
 
 from __future__ import annotations
@@ -560,6 +561,12 @@ class OllamaExchange(Exchange):
     @property
     def route(self) -> str:
         return self.call.api if self.call is not None else self.request.path
+
+    def streams_while_waiting(self) -> bool:
+        """Only a request that thinks has a place for progress; the others wait as
+        Ollama's own server makes them wait, with nothing sent, and get their error
+        as a status."""
+        return self.stream and self.call is not None and self.call.think
 
     def _answer(self) -> Answer:
         assert self.answer is not None

@@ -132,7 +132,7 @@ class InferenceProxy:
             lease = self.supervisor.refusal(profile)  # refused now: before any early 200
         if lease is None:
             with ex.waiting():  # the client leaving ends the wait, and its place in line
-                if ex.stream and progress.shape_for(ex.request.path) is not None:
+                if ex.streams_while_waiting():
                     await ex.start(200, SSE_HEADERS)
                     lease = await self._acquire_with_progress(ex, profile, model)
                 else:
