@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from swapd.progress import PREFIX
+from swapd.http.progress import PREFIX
 from tests.test_api import swapd
 
 PACKAGES = {"openai": "6.49.0", "ollama": "0.6.4"}
