@@ -18,13 +18,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from swapd.plan import FULL, QUICK, RESULTS, real_models
-from swapd.procs import MARKER, ROOT, OtherLoad, load_average, machine_info
-from swapd.profiling import Profiler
-from swapd.streams import streams
-from swapd.suites import Report, config_load, run_fake, run_real
-from swapd.table import render
-from swapd.warm import warm_return
+from .plan import FULL, QUICK, RESULTS, real_models
+from .procs import MARKER, ROOT, OtherLoad, load_average, machine_info
+from .profiling import Profiler
+from .streams import streams
+from .suites import Report, config_load, run_fake, run_real
+from .table import render
+from .warm import warm_return
 
 SECTIONS = ("latency", "swap", "progress", "collation", "scale", "config", "warm", "streams")
 

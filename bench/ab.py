@@ -27,10 +27,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from swapd.client import chat_body
-from swapd.procs import FAKE_SERVER, MARKER, Swapd, cpu_seconds
-
-from swapd import workloads
+from . import workloads
+from .client import chat_body
+from .procs import FAKE_SERVER, MARKER, Swapd, cpu_seconds
 
 
 def config(workdir: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from swapd.procs import FAKE_SERVER, ROOT
+from .procs import FAKE_SERVER, ROOT
 
 RESULTS = ROOT / "bench" / "results"
 MODELS = RESULTS / "models"

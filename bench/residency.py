@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapd.client import fetch
-from swapd.plan import RESULTS
-from swapd.procs import HOST, ROOT, Swapd
-from swapd.stats import percentile
+from .client import fetch
+from .plan import RESULTS
+from .procs import HOST, ROOT, Swapd
+from .stats import percentile
 
 FAKE_SERVER = ROOT / "tests" / "support" / "fake_llama_server.py"
 GiB_MIB = 1024

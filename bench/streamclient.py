@@ -21,8 +21,8 @@ import sys
 import time
 from typing import Any
 
-from swapd.client import DATA, DONE, HttpError, build_request, clock, no_delay
-from swapd.stats import percentile
+from .client import DATA, DONE, HttpError, build_request, clock, no_delay
+from .stats import percentile
 
 HOST = "127.0.0.1"
 MS = 1000.0

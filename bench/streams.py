@@ -28,13 +28,13 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from swapd.client import clock, fetch
-from swapd.plan import Plan
-from swapd.procs import HOST, ROOT, Swapd, cpu_seconds, free_port, kill, spawn, wait_health
-from swapd.stats import spread
-
 from swapd.config import parse_config
 from swapd.config.argv import build_argv
+
+from .client import clock, fetch
+from .plan import Plan
+from .procs import HOST, ROOT, Swapd, cpu_seconds, free_port, kill, spawn, wait_health
+from .stats import spread
 
 PACED = ROOT / "bench" / "paced.py"
 FLOOR = ROOT / "bench" / "floor.py"

@@ -26,8 +26,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from swapd.client import Answer, chat_body, clock, fetch
-from swapd.plan import (
+from swapd.config import Config, parse_config
+from swapd.config.argv import build_argv
+
+from . import workloads
+from .client import Answer, chat_body, clock, fetch
+from .plan import (
     COLLATION_LOAD_MS,
     FAKE_SWAP_LOAD_MS,
     HELD_TOKEN_DELAY_MS,
@@ -37,7 +41,7 @@ from swapd.plan import (
     real_config,
     real_models,
 )
-from swapd.procs import (
+from .procs import (
     HOST,
     OtherLoad,
     Swapd,
@@ -50,12 +54,8 @@ from swapd.procs import (
     wait_exit,
     wait_health,
 )
-from swapd.profiling import Profiler
-from swapd.stats import spread, summarize
-
-from swapd import workloads
-from swapd.config import Config, parse_config
-from swapd.config.argv import build_argv
+from .profiling import Profiler
+from .stats import spread, summarize
 
 Side = str  # "direct" or "swapd"
 MS = 1000.0

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from swapd.client import fetch
-from swapd.procs import HOST, Swapd
+from .client import fetch
+from .procs import HOST, Swapd
 
 PREFIX = "hello world " * 300  # ~2,700 tokens of the tiny models' vocabulary
 

@@ -12,8 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from swapd.client import Answer, Connection, HttpError, build_request, clock
-from swapd.procs import HOST
+from .client import Answer, Connection, HttpError, build_request, clock
+from .procs import HOST
 
 
 @dataclass
