@@ -744,11 +744,6 @@ class Supervisor:
     def n_inflight(self) -> int:
         return sum(len(child.leases) for child in self._children.values())
 
-    @property
-    def _leases(self) -> set[Lease]:
-        """Every lease out, across children."""
-        return {lease for child in self._children.values() for lease in child.leases}
-
     def waiting_by_profile(self) -> dict[str, int]:
         counts = {name: sum(1 for w in q if not w.internal) for name, q in self._waiting.items()}
         return {name: n for name, n in counts.items() if n}
@@ -1512,17 +1507,6 @@ class Supervisor:
             self._sizing.add(profile.name)
             self._nursery.start_soon(self._run_size, profile)
         return None
-
-    def _others_starved(self) -> bool:
-        """Compatibility: does a cleared waiter of a non-resident model starve?"""
-        bound = self.config.queue.starvation_bound
-        now = trio.current_time()
-        return any(q and now - q[0].enqueued >= bound for name, q in self._waiting.items()
-                   if name not in self._children and self._cleared_for_start(name))
-
-    def _oldest_waiter(self) -> Waiter | None:
-        heads = [q[0] for q in self._waiting.values() if q]
-        return min(heads, key=lambda w: w.enqueued) if heads else None
 
     def _next_deadline(self) -> float:
         """When the loop must wake without a message: starvation, drain, TTL, backoff,
