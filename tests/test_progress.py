@@ -200,3 +200,19 @@ def test_one_id_across_any_split_of_the_models_stream() -> None:
     for split in range(1, len(model)):
         one = OneId("chatcmpl-swapd-1")
         assert one(model[:split]) + one(model[split:]) + one.flush() == want
+
+
+def test_beside_a_busy_model_with_room_a_request_is_starting_not_queued() -> None:
+    """Seen with Open WebUI (max_models 2, the task model pinned and busy): the chat
+    model's stream said "queued for tiny-chat: tiny-task is serving other requests (0
+    waiting ahead)" and then loaded at once beside it. With one model at a time, that
+    line is the truth: it waits for tiny-task's requests to end."""
+    busy = {"state": "ready", "active": "tiny-task", "waiting": {"tiny-chat": 1},
+            "phase": None, "resident": [{"name": "tiny-task", "state": "ready"}],
+            "residency": {"mode": "count", "max_models": 2}}
+    assert describe(busy, "tiny-chat") == "starting tiny-chat"
+    assert describe({**busy, "residency": {"mode": "budget", "max_models": None}},
+                    "tiny-chat") == "starting tiny-chat"
+    one = {**busy, "residency": {"mode": "count", "max_models": 1}}
+    assert describe(one, "tiny-chat") == (
+        "queued for tiny-chat: tiny-task is serving other requests (0 waiting ahead)")

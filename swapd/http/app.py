@@ -717,6 +717,14 @@ def _llama_router_routes(app: QuartTrio, fe: Frontend) -> None:
             return llama_error(error.status, str(error))
         return _json({"success": True})
 
+    @app.route("/models", methods=["POST", "DELETE"], endpoint="router_manage")
+    async def router_manage() -> Response:
+        # llama.cpp's router downloads (POST) and deletes (DELETE) model files here; Open
+        # WebUI always shows both controls. swapd's models are its config's profiles.
+        verb = "download" if request.method == "POST" else "delete"
+        return llama_error(501, f"swapd does not {verb} models: they are the profiles of its "
+                           "config file; add or remove one there and reload (swapd reload)")
+
     @app.route("/models/sse")
     async def router_events() -> Response:
         sup = fe.supervisor

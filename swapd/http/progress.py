@@ -262,6 +262,9 @@ def describe(status: dict[str, Any], profile: str) -> str:
                 f"({ahead} waiting ahead)")
     if state == "stopping" and active:
         return f"stopping {active} to load {profile}"
+    cap = (status.get("residency") or {}).get("max_models", 1)
+    if state == "ready" and not ahead and (cap is None or cap > 1):
+        return f"starting {profile}"  # it may load beside the one serving: no queue yet
     if active and state in ("ready", "starting"):
         doing = "serving other requests" if state == "ready" else "loading for other requests"
         return f"queued for {profile}: {active} is {doing} ({ahead} waiting ahead)"
