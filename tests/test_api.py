@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -29,35 +28,23 @@ from swapd.config import parse_config
 from swapd.http.progress import PREFIX
 from swapd.http.progress import line as progress_line
 from swapd.serve import Running, open_server
-from tests.conftest import FAKE_LLAMA_SERVER
+from tests.support.fake_config import fake_config
 from tests.support.rawhttp import exchange, request_bytes
-from tests.support.tiny_gguf import write_header_only
 
 
 def config_text(tmp_path: Path, *, queue: dict[str, Any] | None = None,
                 timeouts: dict[str, Any] | None = None, a_flags: dict[str, Any] | None = None,
                 b_flags: dict[str, Any] | None = None, **extra: Any) -> str:
-    """Profiles ``a`` and ``b`` on the fake llama-server, with their (header-only) model
-    files written in ``tmp_path``: swapd checks a model file before it starts it."""
-    write_header_only(tmp_path / "a.gguf", tmp_path / "b.gguf")
-    config = {
-        "listen": "127.0.0.1:0",
-        "state_dir": str(tmp_path / "state"),
-        "llama_server": {"command": [sys.executable, str(FAKE_LLAMA_SERVER)]},
-        "timeouts": {"start": "20s", "stop": "5s", **(timeouts or {})},
-        "queue": {"max_waiting": 10, **(queue or {})},
-        "progress": {"keepalive": "1s"},
-        "profiles": {
-            "a": {"model": str(tmp_path / "a.gguf"), "aliases": ["alpha"],
-                  "display_name": "Model A",
-                  "flags": {"ctx-size": 8192, "fake-load-ms": 200, **(a_flags or {})}},
-            "b": {"model": str(tmp_path / "b.gguf"),
-                  "flags": {"ctx-size": 4096, "fake-load-ms": 300, "jinja": True,
-                            **(b_flags or {})}},
-        },
-        **extra,
-    }
-    return json.dumps(config)  # JSON is YAML
+    """Profiles ``a`` and ``b`` on the fake llama-server."""
+    return fake_config(tmp_path, {
+        "a": {"model": str(tmp_path / "a.gguf"), "aliases": ["alpha"],
+              "display_name": "Model A",
+              "flags": {"ctx-size": 8192, "fake-load-ms": 200, **(a_flags or {})}},
+        "b": {"model": str(tmp_path / "b.gguf"),
+              "flags": {"ctx-size": 4096, "fake-load-ms": 300, "jinja": True,
+                        **(b_flags or {})}},
+    }, timeouts={"start": "20s", "stop": "5s", **(timeouts or {})},
+        queue={"max_waiting": 10, **(queue or {})}, **extra)
 
 
 @asynccontextmanager

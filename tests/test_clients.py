@@ -18,7 +18,6 @@ import ast
 import json
 import re
 import shutil
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,8 +37,7 @@ from swapd.core import process
 from swapd.http import proxy
 from swapd.http.app import create_app
 from swapd.serve import Running, open_server
-from tests.conftest import FAKE_LLAMA_SERVER
-from tests.support.tiny_gguf import write_header_only
+from tests.support.fake_config import fake_config
 from tests.test_schema import mini_problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,25 +86,15 @@ NOT_RUN = {"schema-cli": "writes to /etc/swapd"}
 
 
 def doc_config(tmp_path: Path, **extra: Any) -> str:
-    """The example config's profile names, with fake children (JSON is YAML) and their
-    header-only model files (swapd checks a model file is a GGUF before starting it)."""
-    write_header_only(tmp_path / "qwen.gguf", tmp_path / "embed.gguf")
-    return json.dumps({
-        "listen": "127.0.0.1:0",
-        "state_dir": str(tmp_path / "state"),
-        "llama_server": {"command": [sys.executable, str(FAKE_LLAMA_SERVER)]},
-        "timeouts": {"start": "20s", "stop": "5s"},
-        "progress": {"keepalive": "1s"},
-        "profiles": {
-            "qwen3.6-27b-balanced": {
-                "model": "qwen.gguf", "aliases": ["qwen"],
-                "flags": {"ctx-size": 8192, "jinja": True, "fake-load-ms": 100}},
-            "qwen3-embed": {
-                "model": "embed.gguf",
-                "flags": {"ctx-size": 8192, "embedding": True, "fake-load-ms": 20}},
-        },
-        **extra,
-    })
+    """The example config's profile names, with fake children."""
+    return fake_config(tmp_path, {
+        "qwen3.6-27b-balanced": {
+            "model": "qwen.gguf", "aliases": ["qwen"],
+            "flags": {"ctx-size": 8192, "jinja": True, "fake-load-ms": 100}},
+        "qwen3-embed": {
+            "model": "embed.gguf",
+            "flags": {"ctx-size": 8192, "embedding": True, "fake-load-ms": 20}},
+    }, **extra)
 
 
 @asynccontextmanager

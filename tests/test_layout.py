@@ -183,3 +183,42 @@ def test_the_rules_see_imports() -> None:
     assert any(imp.module == "swapd.core.supervisor" and imp.target == "swapd.core.planner"
                for imp in IMPORTS)
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def documented_tree() -> tuple[dict[str, int], dict[str, str]]:
+    """docs/design.md's layout picture: each part's floor, and each module's part."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    floors: dict[str, int] = {}
+    modules: dict[str, str] = {}
+    part = ""
+    for line in block.splitlines()[1:]:
+        name = line.split()[0]
+        if line.startswith("    "):  # a module of the part above
+            for word in line.split():
+                if word.endswith(".py"):
+                    modules[f"{part}.{word.removesuffix('.py')}"] = part
+        elif line.startswith("  "):  # a part: a subpackage or a top-level module
+            part = "swapd." + name.removesuffix("/").removesuffix(".py")
+            floors[part] = int(line.split()[-1])
+    return floors, modules
+
+
+def test_the_picture_in_the_design_doc_is_the_code() -> None:
+    """The tree in docs/design.md names every module where it is, and each part's floor
+    is the one its imports give it (one above the highest part it imports)."""
+    floors, modules = documented_tree()
+    edges = graph(part_of)
+    drawn: dict[str, int] = {}
+
+    def floor(part: str) -> int:
+        if part not in drawn:
+            drawn[part] = 1 + max((floor(p) for p in edges.get(part, ()) if p != "swapd"),
+                                  default=0)
+        return drawn[part]
+
+    assert {part: floor(part) for part in floors} == floors
+    code = {m: part_of(m) for m in MODULES if m.count(".") == 2}
+    assert modules == code

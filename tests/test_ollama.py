@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,8 +25,7 @@ from swapd.config import parse_config
 from swapd.http.ollama import OllamaError, parse_keep_alive, translate
 from swapd.http.progress import PREFIX
 from swapd.serve import Running, open_server
-from tests.conftest import FAKE_LLAMA_SERVER
-from tests.support.tiny_gguf import write_header_only
+from tests.support.fake_config import fake_config
 
 T = TypeVar("T")
 WAIT = 20.0
@@ -35,22 +33,13 @@ WAIT = 20.0
 
 
 def config_text(tmp_path: Path, **extra: Any) -> str:
-    write_header_only(tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "e.gguf")
-    return json.dumps({
-        "listen": "127.0.0.1:0",
-        "state_dir": str(tmp_path / "state"),
-        "llama_server": {"command": [sys.executable, str(FAKE_LLAMA_SERVER)]},
-        "timeouts": {"start": "20s", "stop": "5s"},
-        "progress": {"keepalive": "1s"},
-        "profiles": {
-            "chat-a": {"model": "a.gguf", "aliases": ["a"],
-                       "flags": {"ctx-size": 4096, "jinja": True, "fake-load-ms": 300}},
-            "chat-b": {"model": "b.gguf",
-                       "flags": {"ctx-size": 4096, "jinja": True, "fake-load-ms": 300}},
-            "embed": {"model": "e.gguf", "flags": {"ctx-size": 512, "embedding": True}},
-        },
-        **extra,
-    })
+    return fake_config(tmp_path, {
+        "chat-a": {"model": "a.gguf", "aliases": ["a"],
+                   "flags": {"ctx-size": 4096, "jinja": True, "fake-load-ms": 300}},
+        "chat-b": {"model": "b.gguf",
+                   "flags": {"ctx-size": 4096, "jinja": True, "fake-load-ms": 300}},
+        "embed": {"model": "e.gguf", "flags": {"ctx-size": 512, "embedding": True}},
+    }, **extra)
 
 
 @asynccontextmanager
