@@ -25,9 +25,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 
 from swapd.config import Config, load_config
-from swapd.core import process
+from swapd.core import Launcher, Supervisor, process
 from swapd.core.statedir import StateLock, WriteErrors, lock_state_dir
-from swapd.core.supervisor import Launcher, Supervisor
 from swapd.errors import ConfigError, StateDirBusy, SwapdError
 from swapd.http.app import Frontend, frontend_for, served_app
 from swapd.http.auth import load_keys

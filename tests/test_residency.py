@@ -14,7 +14,9 @@ import trio
 import trio.testing
 
 from swapd.config import Config, Profile, parse_config
-from swapd.core.supervisor import Evicted, State, Supervisor, Swapped
+from swapd.core.child import State
+from swapd.core.messages import Evicted, Swapped
+from swapd.core.supervisor import Supervisor
 from swapd.errors import ModelCrashed, Unavailable, WontFit
 from swapd.observe.metrics import Metrics
 from tests.support.tiny_gguf import write_header_only

@@ -19,7 +19,8 @@ import trio
 import trio.testing
 
 from swapd.config import Config, Profile, parse_config
-from swapd.core.supervisor import IllegalTransition, State, Supervisor
+from swapd.core.child import IllegalTransition, State
+from swapd.core.supervisor import Supervisor
 from swapd.errors import (
     CircuitOpen,
     LocalFailed,

@@ -39,7 +39,6 @@ one-model-at-a-time swapping of earlier versions. The supervisor publishes typed
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
 import math
@@ -56,7 +55,45 @@ import trio
 from swapd.config import Config, Profile
 from swapd.config.flags import canonical_flag
 from swapd.core import planner, process
+from swapd.core.child import (
+    EVICTION_REASONS,
+    Child,
+    IllegalTransition,
+    Lease,
+    ProfileHealth,
+    State,
+    Waiter,
+    allowed,
+)
 from swapd.core.footprint import Footprint, FootprintStore, definition_key
+from swapd.core.messages import (
+    Acquire,
+    Checked,
+    Crashed,
+    Event,
+    Evicted,
+    Exited,
+    Fact,
+    Hung,
+    KeepAlive,
+    Kill,
+    Launcher,
+    Load,
+    Loaded,
+    LoadFailed,
+    Measured,
+    Message,
+    Phase,
+    Release,
+    Reload,
+    Shutdown,
+    Sized,
+    StartDone,
+    Stopped,
+    Swapped,
+    Unload,
+    Withdraw,
+)
 from swapd.core.preflight import Preflight, PreflightCheck
 from swapd.core.slotcache import SLOT_TIMEOUT, SlotCache
 from swapd.core.statedir import WriteErrors
@@ -93,33 +130,6 @@ UNLOAD_MARGIN = 10.0
 own SIGKILL and reap) before ``unload`` reports that it did not finish."""
 
 
-class State(enum.Enum):
-    IDLE = "idle"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-_TRANSITIONS: dict[State, frozenset[State]] = {
-    # Each child's machine (one per profile that has a process or a start under way).
-    # IDLE and FAILED are also what a profile with no child is in.
-    State.IDLE: frozenset({State.STARTING}),
-    # STOPPING: a start cancelled by unload, shutdown or a reload, or an out-of-memory
-    # start that is retried once after evicting idle models (no failure counted).
-    State.STARTING: frozenset({State.READY, State.FAILED, State.STOPPING}),
-    # FAILED: the child crashed or hung while serving. Draining is a sub-state of READY
-    # (``Child.draining_since``): no new grants, stopped when its leases are back.
-    State.READY: frozenset({State.STOPPING, State.FAILED}),
-    # IDLE: the process is gone; the child is forgotten.
-    State.STOPPING: frozenset({State.IDLE}),
-    # STARTING: a retry; IDLE: an unload clears the failure state (not its circuit).
-    State.FAILED: frozenset({State.STARTING, State.IDLE}),
-}
-
-EVICTION_REASONS = ("room", "ttl", "unload", "reload", "shutdown", "oom")
-"""Why a resident model was stopped (``Evicted.reason``, ``swapd_evictions_total``)."""
-
 MEASURE_SETTLE = 0.2
 """Seconds after readiness (and between looks) before a child's buffer lines are read."""
 
@@ -129,274 +139,6 @@ MEASURE_WAIT = 2.0
 SIZE_TIMEOUT = 30.0
 """Seconds sizing a profile (stat its model, read the GGUF header) may take off-loop before
 it is planned as needing its whole GPU."""
-
-
-class IllegalTransition(RuntimeError):
-    pass
-
-
-@attrs.define(eq=False)
-class Lease:
-    """The right to send one request to one running child.
-
-    The supervisor revokes it by cancelling ``scope`` (drain deadline passed, the child
-    crashed, shutdown); the holder runs its upstream I/O inside that scope.
-    """
-
-    profile: Profile
-    proc: process.LlamaProcess
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    revoked_because: str | None = None
-
-
-@attrs.define(eq=False)
-class Waiter:
-    """A request waiting for its model; the supervisor answers it exactly once."""
-
-    profile: str
-    enqueued: float
-    reply: trio.MemorySendChannel[Lease | LeaseError]
-    answered: bool = False
-    lease: Lease | None = None
-    ready_only: bool = False  # ``try_lease``: grant now or refuse, never queue or load
-    internal: bool = False  # a pinned/preload want at start: nobody reads the reply
-
-
-@attrs.define(eq=False)
-class Child:
-    """One llama-server the supervisor runs (or is starting, draining, stopping).
-
-    Its ``state`` moves only through ``Supervisor._transition``; ``draining_since`` set
-    on a READY child is the draining sub-state: no new grants, and it is stopped once its
-    leases are back (or cut at ``timeouts.drain``).
-    """
-
-    profile: Profile
-    state: State = State.IDLE
-    proc: process.LlamaProcess | None = None
-    leases: set[Lease] = attrs.field(factory=set)
-    draining_since: float | None = None
-    drain_reason: str | None = None  # one of EVICTION_REASONS
-    idle_since: float = 0.0
-    last_used: float = 0.0  # trio time of the last grant or release
-    use_seq: int = 0  # the same, as a strict order (ties in time are common in bursts)
-    start_scope: trio.CancelScope | None = None
-    start_began: float | None = None
-    usage: dict[int, int] = attrs.field(factory=dict)  # planned bytes per GPU id
-    swap: dict[str, Any] = attrs.field(factory=dict)  # from, began, stopped: its load record
-    room_for: str | None = None  # stopped to make room for this profile
-    measured: Footprint | None = None
-    keep_alive: float | None = None  # a client's idle time (``keep_alive``); None: the TTL
-
-    @property
-    def name(self) -> str:
-        return self.profile.name
-
-    @property
-    def gpus(self) -> tuple[int, ...]:
-        return tuple(sorted(self.usage))
-
-
-# -- facts the supervisor publishes (frozen; the one source for metrics and status) --
-
-@attrs.frozen
-class Loaded:
-    profile: str
-    gpus: tuple[int, ...]
-    load_s: float
-    context: int | None = None  # per request, as the child reports it (None: it did not)
-
-
-@attrs.frozen
-class Swapped:
-    """A load that needed a stop first: ``from_`` were stopped to make room for ``to``."""
-
-    from_: tuple[str, ...]
-    to: str
-    stop_s: float
-    load_s: float
-
-
-@attrs.frozen
-class Evicted:
-    profile: str
-    reason: str  # one of EVICTION_REASONS
-
-
-@attrs.frozen
-class LoadFailed:
-    profile: str
-    message: str
-    exit_code: int | None
-    swap: bool  # a stop was made to make room for it
-
-
-@attrs.frozen
-class Crashed:
-    profile: str
-    exit_code: int | None
-    hung: bool
-
-
-Fact = Loaded | Swapped | Evicted | LoadFailed | Crashed
-
-
-@attrs.define
-class ProfileHealth:
-    """Consecutive failures of one profile, its restart backoff and its circuit.
-
-    Per profile, not global: a profile with a bad flag or a context too big for the GPU
-    must not stop the healthy ones from loading. A successful start closes an open
-    circuit but does not forget the failures: only a run of ``restart.stable_after``
-    does, so a child that loads and then crashes on its first request keeps counting
-    and opens the circuit (instead of a reload and a 502 per request, forever).
-    """
-
-    failures: int = 0
-    retry_at: float = -math.inf  # no start before this (backoff)
-    opened_at: float | None = None  # circuit open since
-    last_error: str | None = None
-
-    def circuit(self, now: float, cooldown: float) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "open" if now < self.opened_at + cooldown else "half_open"
-
-
-# -- messages on the supervisor's channel --
-
-@attrs.frozen
-class Acquire:
-    name: str | None
-    waiter: Waiter
-
-
-@attrs.frozen
-class Release:
-    lease: Lease
-
-
-@attrs.frozen
-class Withdraw:
-    waiter: Waiter
-
-
-@attrs.frozen
-class Unload:
-    done: trio.Event
-    name: str | None = None  # None: every resident model but the pinned ones
-
-
-@attrs.frozen
-class Load:
-    """Load a model without holding it: an internal want, like a preload's."""
-
-    name: str
-    reply: trio.MemorySendChannel[LeaseError | None]
-
-
-@attrs.frozen
-class KeepAlive:
-    """A client set how long ``name`` stays loaded once idle (Ollama's ``keep_alive``)."""
-
-    name: str
-    seconds: float | None  # 0: unload once idle; inf: never; None: the profile's TTL
-
-
-@attrs.frozen
-class Kill:
-    """Kill every child now (a second SIGTERM): a stop, not a crash."""
-
-
-@attrs.frozen
-class Shutdown:
-    pass
-
-
-@attrs.frozen
-class Reload:
-    config: Config
-    reply: trio.MemorySendChannel[dict[str, Any] | LeaseError]
-
-
-@attrs.frozen
-class Checked:
-    """The preflight of ``profile`` is done: None, or why it cannot start."""
-
-    profile: Profile
-    problem: str | None
-
-
-@attrs.frozen
-class StartDone:
-    profile: Profile
-    proc: process.LlamaProcess | None
-    error: StartError | None
-    context: int | None = None  # the child's own per-request context
-
-
-@attrs.frozen
-class Measured:
-    """The ready ``proc`` reported these buffers (llama-server's buffer lines)."""
-
-    proc: process.LlamaProcess
-    footprint: Footprint
-
-
-@attrs.frozen
-class Sized:
-    """The footprint of ``profile`` (bytes), and where it came from."""
-
-    profile: Profile
-    footprint: int
-    source: str  # "measured", "memory", "estimate", "gpu"
-    estimate: int | None
-    measured: int | None
-
-
-@attrs.frozen
-class Phase:
-    """A start or stop task says what it is doing now (for progress messages)."""
-
-    text: str | None
-    profile: str | None = None
-
-
-@attrs.frozen
-class Stopped:
-    proc: process.LlamaProcess
-
-
-@attrs.frozen
-class Exited:
-    proc: process.LlamaProcess
-
-
-@attrs.frozen
-class Hung:
-    """The ready ``proc`` left ``HEALTH_MISSES`` liveness probes in a row unanswered."""
-
-    proc: process.LlamaProcess
-    why: str
-
-
-Launcher = Callable[[Config, Profile, "process.ChildLog | None", Sequence[str]],
-                    process.LlamaProcess]
-"""Spawns a profile's child; tests pass one that makes fake processes on fake time."""
-
-Message = (Acquire | Release | Withdraw | Unload | Load | KeepAlive | Kill | Shutdown
-           | Reload | Checked | Sized | StartDone | Measured | Phase | Stopped | Exited | Hung)
-
-
-@attrs.frozen
-class Event:
-    """A fact published for status, the events stream and metrics."""
-
-    seq: int
-    at: float  # wall clock, for people
-    kind: str
-    data: dict[str, Any]
-    fact: Fact | None = None
 
 
 class Supervisor:
@@ -1652,7 +1394,7 @@ class Supervisor:
             old, name = self.profile_state(profile), profile
         else:
             old, name = self.state, None
-        if new not in _TRANSITIONS[old]:
+        if not allowed(old, new):
             raise IllegalTransition(f"{old.name} -> {new.name}")
         log.debug("state of %s %s -> %s", name, old.name, new.name)
         if child is not None:
