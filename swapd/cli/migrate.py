@@ -30,8 +30,6 @@ a llama-server flag (``ctx_size: 65536``). ``docs/migration.md`` describes both 
 from __future__ import annotations
 
 import collections
-import json
-import math
 import os
 import re
 import shlex
@@ -41,17 +39,19 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, TextIO, TypeGuard
 from urllib.parse import urlsplit
 
-import attrs
-import yaml
-
 from swapd import config as cfg
+from swapd.cli.draft import (
+    Draft,
+    DraftProfile,
+    one_line,
+    render,
+    scalar,
+)
 from swapd.config.flags import FlagValue, canonical_flag, format_value, normalize_flag
 from swapd.errors import ConfigError
 
 __all__ = ["IMPORTERS", "Imported", "import_llama_swap", "import_manifest", "run_import"]
 
-LLAMA_SWAP_LISTEN = ":8080"
-"""llama-swap's default listen address (its ``--listen`` flag), for the output's comment."""
 
 _MACRO = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
@@ -59,8 +59,6 @@ _DECIMAL = re.compile(r"-?[0-9]+\.[0-9]+")
 _NUMBERISH = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _LLAMA_SERVER = re.compile(r"llama[-_]server(?:-[^\s/\\]+)?(?:\.exe)?", re.IGNORECASE)
 """The name of the program: ``llama-server``, ``llama-server-ec9e0301``, ``llama-server.exe``."""
-_UNPRINTABLE = re.compile("[^\t\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-"""What YAML does not allow in a file, not even in a comment (and line breaks)."""
 _DOWNLOADS = ("hf-repo", "hf-file", "model-url", "docker-repo")
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0")
 _MAX_MACRO_DEPTH = 64
@@ -85,86 +83,6 @@ class Imported(NamedTuple):
     """What could not be carried over, one line each: ``where: what, and what to do``."""
     models: dict[str, str]
     """For each model (profile) of the source: ``"imported"``, or why it was not."""
-
-
-@attrs.define
-class _Profile:
-    """One profile being built; ``notes`` become comments above it."""
-
-    name: str
-    model: str
-    flags: dict[str, FlagValue] = attrs.field(factory=dict)
-    aliases: list[str] = attrs.field(factory=list)
-    env: dict[str, str] = attrs.field(factory=dict)
-    ttl: Any = None  # seconds (float) or duration text, as the source gave it
-    display_name: str | None = None
-    description: str | None = None
-    keep_cache: bool | None = None
-    notes: list[str] = attrs.field(factory=list)
-    source: str = ""  # the model's id in the imported config
-    pinned: bool = False
-    preload: bool = False
-
-
-@attrs.define
-class _Draft:
-    """The swapd config being assembled, and what could not be carried over."""
-
-    source: str
-    command: list[str] | None = None
-    command_note: str | None = None
-    env: dict[str, str] = attrs.field(factory=dict)
-    start_timeout: float | None = None
-    stop_timeout: float | None = None
-    ttl: float | None = None
-    reasoning: bool | None = None
-    reasoning_note: str | None = None
-    api_key_env: str | None = None
-    profiles: list[_Profile] = attrs.field(factory=list)
-    skipped: list[tuple[str, str, str]] = attrs.field(factory=list)  # name, why, original
-    fallbacks: list[dict[str, Any]] = attrs.field(factory=list)
-    fallback_note: str | None = None
-    unmapped: list[str] = attrs.field(factory=list)
-    names: set[str] = attrs.field(factory=set)
-    outcomes: dict[str, str] = attrs.field(factory=dict)  # model -> "imported" or why not
-    pinned: set[str] = attrs.field(factory=set)  # source model ids kept loaded
-    preload: set[str] = attrs.field(factory=set)  # source model ids loaded at start
-    residency_note: str | None = None  # why the import asks for residency.mode: budget
-
-    def budget(self, why: str) -> None:
-        """Several models at once: the GPU's memory decides (docs/residency.md)."""
-        self.residency_note = self.residency_note or why
-
-    def lose(self, where: str, what: str) -> None:
-        self.unmapped.append(_one_line(f"{where}: {what}"))
-
-    def leave_out(self, model: str, where: str, why: str, advice: str = "",
-                  original: str | None = None) -> None:
-        """Record that ``model`` is not imported, and why; a comment in the config says so,
-        above its ``original`` text."""
-        self.outcomes[model] = why = _one_line(why)
-        self.lose(where, f"{why}; {advice}" if advice else f"{why}; left out")
-        self.skipped.append((model, why, original or ""))
-
-    def claim(self, name: str, where: str, model: str | None = None) -> str | None:
-        """A valid, unused swapd name for ``name`` (sanitised), or None (and why). For a
-        ``model``, its outcome says which."""
-        clean = re.sub(r"[^A-Za-z0-9._:/@+-]+", "-", name.strip()).strip("-")
-        refused = (f"{name!r} cannot be a swapd name" if not clean else
-                   f"the name {clean!r} is already taken" if clean in self.names else None)
-        if refused is not None:
-            if model is not None:
-                self.leave_out(model, where, refused)
-            else:
-                self.lose(where, f"{refused}; left out")
-            return None
-        if clean != name:
-            self.lose(where, f"{name!r} is not a valid swapd name (letters, digits and "
-                      f". _ : / @ + - only); clients must now ask for {clean!r}")
-            if model is not None:
-                self.outcomes[model] = f"imported as {clean!r}"
-        self.names.add(clean)
-        return clean
 
 
 # --- llama-swap ----------------------------------------------------------------------
@@ -230,7 +148,7 @@ def import_llama_swap(text: str, *, environ: Mapping[str, str] | None = None) ->
         raise ConfigError(["expected a llama-swap config: a mapping with 'models:'"],
                           source=source)
     env = os.environ if environ is None else environ
-    draft = _Draft(source="llama-swap")
+    draft = Draft(source="llama-swap")
     macros = _string_macros(data.get("macros"), "macros", draft)
 
     for key, value in data.items():
@@ -246,10 +164,10 @@ def import_llama_swap(text: str, *, environ: Mapping[str, str] | None = None) ->
     _choose_command(draft, binaries)
     _lift_common_env(draft)
     _require_profiles(draft, source)
-    return Imported(_render(draft), draft.unmapped, draft.outcomes)
+    return Imported(render(draft), draft.unmapped, draft.outcomes)
 
 
-def _llama_swap_top(key: str, value: Any, draft: _Draft) -> None:
+def _llama_swap_top(key: str, value: Any, draft: Draft) -> None:
     if key in ("models", "macros"):
         return
     if key == "healthCheckTimeout":
@@ -296,7 +214,7 @@ def _llama_swap_top(key: str, value: Any, draft: _Draft) -> None:
                    "typo); left out")
 
 
-def _llama_swap_keys(value: Any, draft: _Draft) -> None:
+def _llama_swap_keys(value: Any, draft: Draft) -> None:
     keys = value if isinstance(value, list) else []
     if not keys:
         return
@@ -312,7 +230,7 @@ def _llama_swap_keys(value: Any, draft: _Draft) -> None:
                "endpoint but /health, not only on inference")
 
 
-def _llama_swap_groups(value: Any, draft: _Draft, where: str) -> None:
+def _llama_swap_groups(value: Any, draft: Draft, where: str) -> None:
     """Groups say by hand which models may run together; swapd's budget decides that.
 
     ``persistent`` members become ``pinned``; ``swap: false`` and ``exclusive: false``
@@ -339,7 +257,7 @@ def _llama_swap_groups(value: Any, draft: _Draft, where: str) -> None:
                        "one when a new one does not fit")
 
 
-def _llama_swap_routing(value: Any, draft: _Draft) -> None:
+def _llama_swap_routing(value: Any, draft: Draft) -> None:
     """``routing:`` (newer llama-swap): a router (``group`` or ``matrix``), a scheduler."""
     if not isinstance(value, Mapping):
         draft.lose("routing", "not a mapping; left out")
@@ -365,7 +283,7 @@ def _llama_swap_routing(value: Any, draft: _Draft) -> None:
             draft.lose(where, "a routing setting this importer does not know; left out")
 
 
-def _llama_swap_selectors(value: Any, draft: _Draft) -> None:
+def _llama_swap_selectors(value: Any, draft: Draft) -> None:
     """``selectors:`` (newer llama-swap): one name that picks one of several models."""
     if not isinstance(value, Mapping) or not value:
         draft.lose("selectors", "not a mapping of selectors; left out")
@@ -378,7 +296,7 @@ def _llama_swap_selectors(value: Any, draft: _Draft) -> None:
                    f"{str(name)!r} an alias of one of those profiles instead")
 
 
-def _llama_swap_hooks(value: Any, draft: _Draft) -> None:
+def _llama_swap_hooks(value: Any, draft: Draft) -> None:
     hooks = value if isinstance(value, Mapping) else {}
     startup = hooks.get("on_startup")
     preload = _names(startup.get("preload")) if isinstance(startup, Mapping) else []
@@ -391,7 +309,7 @@ def _llama_swap_hooks(value: Any, draft: _Draft) -> None:
             draft.lose(f"hooks.{key}", "swapd has no hooks; left out")
 
 
-def _llama_swap_peers(value: Any, draft: _Draft) -> None:
+def _llama_swap_peers(value: Any, draft: Draft) -> None:
     if not isinstance(value, Mapping):
         draft.lose("peers", "not a mapping; left out")
         return
@@ -428,7 +346,7 @@ def _llama_swap_peers(value: Any, draft: _Draft) -> None:
 
 
 def _llama_swap_model(model_id: str, body: Any, macros: Mapping[str, str],
-                      environ: Mapping[str, str], draft: _Draft,
+                      environ: Mapping[str, str], draft: Draft,
                       binaries: dict[str, str]) -> None:
     where = f"models.{model_id}"
     if not isinstance(body, Mapping):
@@ -491,7 +409,7 @@ def _llama_swap_model(model_id: str, body: Any, macros: Mapping[str, str],
             for key in _MODEL_TEXT_KEYS if isinstance(body.get(key), str)}
     for key in _MODEL_TEXT_KEYS:
         if body.get(key) is not None and key not in text:
-            draft.lose(f"{where}.{key}", f"expected text, got {_scalar(body[key])}; left out")
+            draft.lose(f"{where}.{key}", f"expected text, got {scalar(body[key])}; left out")
     profile.env.update(env)
     items = body.get("env")
     if items is not None and not isinstance(items, list):
@@ -550,7 +468,7 @@ def _model_key_lost(key: str, value: Any) -> str:
     return what
 
 
-def _check_proxy(proxy: Any, where: str, draft: _Draft) -> None:
+def _check_proxy(proxy: Any, where: str, draft: Draft) -> None:
     if not isinstance(proxy, str) or not proxy.strip():
         return
     parts = urlsplit(proxy.strip())
@@ -567,7 +485,7 @@ def _names(value: Any) -> list[str]:
             if isinstance(item, str | int | float) and not isinstance(item, bool)]
 
 
-def _string_macros(value: Any, where: str, draft: _Draft) -> dict[str, str]:
+def _string_macros(value: Any, where: str, draft: Draft) -> dict[str, str]:
     """A ``macros`` mapping as text (numbers and true/false as llama-swap prints them)."""
     if value is None:
         return {}
@@ -580,7 +498,7 @@ def _string_macros(value: Any, where: str, draft: _Draft) -> dict[str, str]:
             macros[str(name)] = _text(macro)
         else:
             draft.lose(f"{where}.{name}", f"expected text, a number or true/false, got "
-                       f"{_scalar(macro)}; ${{{name}}} left unexpanded")
+                       f"{scalar(macro)}; ${{{name}}} left unexpanded")
     return macros
 
 
@@ -589,7 +507,7 @@ class _Unexpandable(Exception):
 
 
 def _expand(text: str, macros: Mapping[str, str], environ: Mapping[str, str], where: str,
-            draft: _Draft) -> str:
+            draft: Draft) -> str:
     """``text`` with ``${env.VAR}`` and ``${macro}`` replaced, macros within macros too.
 
     Each macro is expanded where it is used, so the model's macros and ``${MODEL_ID}``
@@ -685,8 +603,8 @@ def _split_env_prefix(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return env, argv
 
 
-def _profile_from_args(model_id: str, args: Iterable[str], where: str, draft: _Draft,
-                       original: str | None = None) -> _Profile | None:
+def _profile_from_args(model_id: str, args: Iterable[str], where: str, draft: Draft,
+                       original: str | None = None) -> DraftProfile | None:
     """The profile a llama-server argv (after the program) describes, or None (the model
     is left out, and its ``original`` command kept as a comment)."""
     model: str | None = None
@@ -747,7 +665,7 @@ def _profile_from_args(model_id: str, args: Iterable[str], where: str, draft: _D
     if "${PORT}" in str(flags):
         draft.lose(f"{where}.cmd", "uses ${PORT} outside --port; swapd's port is only "
                    "known at start, so that flag is left as written")
-    profile = _Profile(name=model_id, model=model, flags=flags, source=model_id)
+    profile = DraftProfile(name=model_id, model=model, flags=flags, source=model_id)
     if not model.startswith(("/", "~")):
         profile.notes.append("relative model paths are relative to this file's directory")
         draft.lose(f"{where}.cmd", f"the model path {model!r} is relative: llama-swap "
@@ -756,13 +674,13 @@ def _profile_from_args(model_id: str, args: Iterable[str], where: str, draft: _D
     return profile
 
 
-def _require_profiles(draft: _Draft, source: str) -> None:
+def _require_profiles(draft: Draft, source: str) -> None:
     """A config without profiles would not load: say why nothing could be imported."""
     if not draft.profiles:
         raise ConfigError(["no profile could be imported", *draft.unmapped], source=source)
 
 
-def _choose_command(draft: _Draft, binaries: Mapping[str, str]) -> None:
+def _choose_command(draft: Draft, binaries: Mapping[str, str]) -> None:
     """The most common llama-server program becomes ``llama_server.command``."""
     if not binaries:
         return
@@ -782,7 +700,7 @@ def _choose_command(draft: _Draft, binaries: Mapping[str, str]) -> None:
                    "resolves it against its own working directory; make it absolute")
 
 
-def _lift_common_env(draft: _Draft) -> None:
+def _lift_common_env(draft: Draft) -> None:
     """Variables every profile sets to the same value move to ``llama_server.env``."""
     if len(draft.profiles) < 2:
         return
@@ -823,7 +741,7 @@ def import_manifest(text: str) -> Imported:
     if key is None or not isinstance(data, Mapping):
         raise ConfigError(["expected a manifest: a mapping with 'profiles:' of "
                            "NAME: {model, flags}"], source=source)
-    draft = _Draft(source="a router/sidecar manifest")
+    draft = Draft(source="a router/sidecar manifest")
     for top, value in data.items():
         top = str(top)
         if top == key:
@@ -850,10 +768,10 @@ def import_manifest(text: str) -> Imported:
         raise ConfigError(["this looks like a llama-swap config (its models have 'cmd'); "
                            "import it with 'swapd import llama-swap'"], source=source)
     _require_profiles(draft, source)
-    return Imported(_render(draft), draft.unmapped, draft.outcomes)
+    return Imported(render(draft), draft.unmapped, draft.outcomes)
 
 
-def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
+def _manifest_profile(name: str, body: Any, where: str, draft: Draft) -> None:
     if isinstance(body, str):
         body = {"model": body}
     if not isinstance(body, Mapping):
@@ -862,7 +780,7 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
     model_key = next((k for k in _MODEL_KEY_SPELLINGS
                       if isinstance(body.get(k), str) and body[k].strip()), None)
     if model_key is None:
-        draft.leave_out(name, where, "no model path ('model:')", original=_scalar(dict(body)))
+        draft.leave_out(name, where, "no model path ('model:')", original=scalar(dict(body)))
         return
     args: list[str] = []
     flags: dict[str, FlagValue] = {}
@@ -894,7 +812,7 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
     if claimed is None:
         return
     draft.outcomes.setdefault(name, "imported")
-    profile = _Profile(name=claimed, model=body[model_key], flags={**flags, **parsed.flags},
+    profile = DraftProfile(name=claimed, model=body[model_key], flags={**flags, **parsed.flags},
                        notes=parsed.notes)
     display = body.get("display_name", body.get("name"))
     if isinstance(display, str) and display != name:
@@ -929,7 +847,7 @@ def _manifest_profile(name: str, body: Any, where: str, draft: _Draft) -> None:
     draft.profiles.append(profile)
 
 
-def _shell_words(text: str, where: str, draft: _Draft) -> list[str]:
+def _shell_words(text: str, where: str, draft: Draft) -> list[str]:
     try:
         return shlex.split(text)
     except ValueError as error:
@@ -938,21 +856,21 @@ def _shell_words(text: str, where: str, draft: _Draft) -> list[str]:
 
 
 def _one_spelling(flags: Mapping[str, FlagValue], where: str,
-                  draft: _Draft) -> dict[str, FlagValue]:
+                  draft: Draft) -> dict[str, FlagValue]:
     """``flags`` with one key per flag: the last of two spellings (``c``, ``ctx_size``)."""
     kept: dict[str, tuple[str, FlagValue]] = {}
     for key, value in flags.items():
         canonical = canonical_flag(key)
         if canonical in kept and kept[canonical][0] != key:
             first, before = kept[canonical]
-            draft.lose(where, f"{first}: {_scalar(before)} and {key}: {_scalar(value)} set "
-                       f"the same flag (--{canonical}); kept {key}: {_scalar(value)}")
+            draft.lose(where, f"{first}: {scalar(before)} and {key}: {scalar(value)} set "
+                       f"the same flag (--{canonical}); kept {key}: {scalar(value)}")
         kept[canonical] = (key, value)
     return dict(kept.values())
 
 
 def _manifest_flag(key: str, value: Any, where: str, flags: dict[str, FlagValue],
-                   draft: _Draft) -> None:
+                   draft: Draft) -> None:
     try:
         canonical = canonical_flag(key)
         name = normalize_flag(key)
@@ -1018,8 +936,8 @@ def run_import(kind: str, source: str | os.PathLike[str], output: str | os.PathL
     imported = sum(why.startswith("imported") for why in models.values())
     print(f"{path}: {imported} of {len(models)} model(s) imported:", file=err)
     for model, why in models.items():
-        print(f"  - {_one_line(model)}: {'' if why.startswith('imported') else 'not imported: '}"
-              f"{_one_line(why)}", file=err)
+        print(f"  - {one_line(model)}: {'' if why.startswith('imported') else 'not imported: '}"
+              f"{one_line(why)}", file=err)
     if unmapped:
         print(f"{path}: {len(unmapped)} thing(s) not carried over (also listed at the top of "
               f"{written}):", file=err)
@@ -1028,118 +946,6 @@ def run_import(kind: str, source: str | os.PathLike[str], output: str | os.PathL
     target_name = "CONFIG" if output is None else str(output)
     print(f"next: review it, then run 'swapd check {target_name}'", file=err)
     return 0
-
-
-# --- output --------------------------------------------------------------------------
-
-def _render(draft: _Draft) -> str:
-    out: list[str] = [
-        f"# swapd configuration imported from {draft.source}.",
-        "# Review it, then check flags against your llama-server and the model files:",
-        "#     swapd check THIS_FILE",
-        "# Every key is described in docs/configuration.md; the import in docs/migration.md.",
-    ]
-    if draft.unmapped:
-        out.append(f"#\n# Not carried over ({len(draft.unmapped)}):")
-        out += [f"#   - {item}" for item in draft.unmapped]
-    listen_note = (f"llama-swap's default was {LLAMA_SWAP_LISTEN}; " if draft.source ==
-                   "llama-swap" else "clients now come here instead of to the router; ")
-    out += ["", f"listen: 127.0.0.1:9001  # {listen_note}0.0.0.0:9001 serves the LAN"]
-    if draft.command is not None or draft.env:
-        out.append("llama_server:")
-        if draft.command is not None:
-            command = draft.command[0] if len(draft.command) == 1 else draft.command
-            note = f"  # {_one_line(draft.command_note)}" if draft.command_note else ""
-            out.append(f"  command: {_scalar(command)}{note}")
-        if draft.env:
-            out.append("  env:  # set by every model before; now for every profile")
-            out += [f"    {_scalar(k)}: {_scalar(v)}" for k, v in draft.env.items()]
-    if draft.start_timeout is not None or draft.stop_timeout is not None:
-        out.append("timeouts:")
-        if draft.start_timeout is not None:
-            out.append(f"  start: {_duration(draft.start_timeout)}  # healthCheckTimeout")
-        if draft.stop_timeout is not None:
-            out.append(f"  stop: {_duration(draft.stop_timeout)}  # unloadTimeout")
-    if draft.ttl is not None:
-        out.append(f"ttl: {_duration(draft.ttl)}  # globalTTL; 0 = never unload")
-    if draft.reasoning is not None or draft.reasoning_note:
-        value = True if draft.reasoning is None else draft.reasoning
-        note = draft.reasoning_note or "sendLoadingState"
-        out += ["progress:", f"  reasoning: {_scalar(value)}  # {note}"]
-    if draft.api_key_env is not None:
-        out += ["security:", f"  api_key_env: {draft.api_key_env}  # the key(s) clients "
-                "send; set this variable in swapd's environment"]
-    if draft.residency_note is not None:
-        out += ["residency:", f"  mode: budget  # {_one_line(draft.residency_note)}",
-                "# gpus: [{id: 0, memory: 24GiB}]  # your GPU's memory; default: nvidia-smi"]
-    out += ["", "profiles:"]
-    for profile in draft.profiles:
-        profile.pinned = profile.source in draft.pinned
-        profile.preload = profile.source in draft.preload and not profile.pinned
-        out += _render_profile(profile)
-    for name, why, original in draft.skipped:
-        out.append(f"  # not imported: {_one_line(name)} ({why})")
-        out += [f"  #   {_one_line(line)}" for line in original.strip().splitlines()]
-    if draft.fallbacks:
-        block = yaml.safe_dump({"fallbacks": draft.fallbacks}, sort_keys=False,
-                               default_flow_style=False, allow_unicode=True, width=math.inf)
-        out += ["", f"# {draft.fallback_note}", *[f"# {line}" for line in block.splitlines()]]
-    return "\n".join(out) + "\n"
-
-
-def _render_profile(profile: _Profile) -> list[str]:
-    out = [f"  {_scalar(profile.name)}:"]
-    out += [f"    # {note}" for note in profile.notes]
-    out.append(f"    model: {_scalar(profile.model)}")
-    if profile.display_name is not None:
-        out.append(f"    display_name: {_scalar(profile.display_name)}")
-    if profile.description is not None:
-        out.append(f"    description: {_scalar(profile.description)}")
-    if profile.aliases:
-        out.append(f"    aliases: {_scalar(profile.aliases)}")
-    if profile.ttl is not None:
-        out.append(f"    ttl: {_duration(profile.ttl)}")
-    if profile.keep_cache is not None:
-        out.append(f"    keep_cache: {_scalar(profile.keep_cache)}")
-    if profile.pinned:
-        out.append("    pinned: true  # a persistent group's member")
-    if profile.preload:
-        out.append("    preload: true  # hooks.on_startup.preload")
-    if profile.env:
-        out.append("    env:")
-        out += [f"      {_scalar(k)}: {_scalar(v)}" for k, v in profile.env.items()]
-    if profile.flags:
-        out.append("    flags:")
-        out += [f"      {_scalar(k)}: {_scalar(v)}" for k, v in profile.flags.items()]
-    return out
-
-
-def _scalar(value: Any) -> str:
-    """One YAML value on one line (flow style), quoted wherever YAML would misread it."""
-    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=math.inf,
-                          sort_keys=False)
-    text = text.removesuffix("\n").removesuffix("\n...").strip()
-    if yaml.load(text, Loader=cfg.StrictLoader) != value:  # '1e6' is a number to swapd
-        text = json.dumps(value, ensure_ascii=False)  # JSON is YAML, every string quoted
-    return text
-
-
-def _one_line(text: str) -> str:
-    """``text`` for a comment or a list item: a line break would end the comment, and
-    what follows it would be read as config; a control character makes the YAML invalid."""
-    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], "\\n".join(text.splitlines()))
-
-
-def _duration(seconds: float) -> str:
-    if seconds == 0:
-        return "0"
-    if seconds.is_integer():
-        whole = int(seconds)
-        for unit, size in (("h", 3600), ("m", 60)):
-            if whole % size == 0:
-                return f"{whole // size}{unit}"
-        return f"{whole}s"
-    return f"{seconds:g}s"
 
 
 def _typed(value: str | bool) -> FlagValue:
