@@ -195,6 +195,11 @@ async def test_keep_alive(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=running.url) as http:
             ps = (await http.get("/api/ps")).json()["models"]
         assert ps[0]["expires_at"].startswith("2318")  # Ollama's "never"
+        # As Ollama: a request without keep_alive goes back to the default (the ttl).
+        await in_thread(lambda: c.chat("a", messages=USER, stream=False))
+        with trio.fail_after(WAIT):
+            while sup.idle_ttl("chat-a") != 600:
+                await trio.sleep(0.02)
         # Ollama's load and unload requests: no messages.
         unloaded = await in_thread(lambda: c.chat("a", messages=[], keep_alive=0))
         assert unloaded.done_reason == "unload"

@@ -719,7 +719,9 @@ class OllamaApi:
             proxy.count(ex)
             return
         await proxy(ex)
-        if profile is not None and call.keep_alive is not None and ex.status == 200:
+        if profile is not None and ex.status == 200:
+            # As Ollama: each request sets the model's idle time; none given, the default
+            # (here the profile's ttl), not what an earlier request asked for.
             await proxy.supervisor.keep_alive(profile, call.keep_alive)
 
     async def _load_only(self, ex: OllamaExchange, call: Call, profile: str | None,
@@ -742,8 +744,7 @@ class OllamaApi:
             if lease is None:
                 return  # the client left
             await sup.release(lease)
-            if call.keep_alive is not None:
-                await sup.keep_alive(profile, call.keep_alive)
+            await sup.keep_alive(profile, call.keep_alive)
         if call.path == "/v1/embeddings":
             body = answer.whole({"data": []})
         else:
