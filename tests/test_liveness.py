@@ -196,7 +196,8 @@ async def read_answer(stream: trio.SocketStream, conn: h11.Connection) -> tuple[
 
 async def test_a_stalled_body_gets_408_on_every_route_that_reads_one(tmp_path: Path) -> None:
     async with swapd(tmp_path, timeouts={"body": "300ms"}) as (running, client):
-        for path in ("/v1/chat/completions", "/swapd/load", "/api/show"):
+        for path in ("/v1/chat/completions", "/swapd/load", "/api/show", "/api/chat",
+                     "/models/load"):
             stream = await open_client(running)
             conn = await send_head(stream, path, b'{"model": ', declared=400)
             with trio.fail_after(10):  # a deadline on the test, not a measurement
