@@ -66,6 +66,9 @@ class ErrorEvent(Exception):
         self.type = type
 
 
+# Every driver samples greedily (temperature 0): what a tiny random model answers is
+# then the same on every run, never an empty answer by chance, and never a first token
+# that is half a UTF-8 character (see anthropic_stream).
 Driver = Callable[[str, str], Seen]
 """(base URL, model) -> what one streamed request showed."""
 Overflow = Callable[[str, str], BaseException]
@@ -78,7 +81,7 @@ def openai_stream(url: str, model: str) -> Seen:
     sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     reasoning, content, ids = "", "", set()
     for chunk in sdk.chat.completions.create(
-            model=model, max_tokens=8, stream=True,
+            model=model, max_tokens=8, stream=True, temperature=0,
             messages=[{"role": "user", "content": "hello"}]):
         ids.add(chunk.id)
         if chunk.choices:
@@ -109,7 +112,7 @@ def responses_stream(url: str, model: str) -> Seen:
     sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     text, reasoning, ids = "", "", set()
     for event in sdk.responses.create(model=model, input="hello", max_output_tokens=8,
-                                      stream=True):
+                                      stream=True, temperature=0):
         if event.type == "response.output_text.delta":
             text += event.delta
         elif event.type == "response.reasoning_text.delta":
@@ -141,7 +144,7 @@ def litellm_stream(url: str, model: str) -> Seen:
     content, ids = "", set()
     for chunk in litellm.completion(
             model="openai/" + model, api_base=url + "/v1", api_key="unused", max_tokens=8,
-            stream=True, merge_reasoning_content_in_choices=True,
+            stream=True, merge_reasoning_content_in_choices=True, temperature=0,
             messages=[{"role": "user", "content": "hello"}]):
         ids.add(chunk.id)
         content += chunk.choices[0].delta.content or ""
@@ -168,7 +171,7 @@ def langchain_stream(url: str, model: str) -> Seen:
     from langchain_openai import ChatOpenAI
 
     chat = ChatOpenAI(base_url=url + "/v1", api_key="unused", model=model,  # type: ignore[arg-type]
-                      max_tokens=8, max_retries=0)
+                      max_tokens=8, max_retries=0, temperature=0)
     merged: Any = None
     for piece in chat.stream("hello"):
         merged = piece if merged is None else merged + piece
@@ -192,10 +195,14 @@ def langchain_overflow(url: str, model: str) -> BaseException:
 
 
 def anthropic_stream(url: str, model: str) -> Seen:
+    """Greedy (temperature 0): with sampling, a tiny model's first token is now and then
+    half of a UTF-8 character, and llama-server then never sends ``message_start`` (it
+    does only for the partial result of the first token, which it holds back while the
+    text is incomplete; docs/faults.md), so the SDK has no message to return."""
     import anthropic
 
     sdk = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
-    with sdk.messages.stream(model=model, max_tokens=8,
+    with sdk.messages.stream(model=model, max_tokens=8, extra_body={"temperature": 0},
                              messages=[{"role": "user", "content": "hello"}]) as stream:
         message = stream.get_final_message()
     text = "".join(block.text for block in message.content if block.type == "text")
@@ -224,7 +231,8 @@ def ollama_stream(url: str, model: str) -> Seen:
     client = ollama.Client(host=url)
     content, thinking = "", ""
     for part in client.chat(model, messages=[{"role": "user", "content": "hello"}],
-                            think=True, stream=True, options={"num_predict": 8}):
+                            think=True, stream=True, options={"num_predict": 8,
+                                                              "temperature": 0}):
         content += part.message.content or ""
         thinking += part.message.thinking or ""
     return Seen(content, thinking, {"role": "assistant", "content": content,
