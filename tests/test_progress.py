@@ -216,3 +216,16 @@ def test_beside_a_busy_model_with_room_a_request_is_starting_not_queued() -> Non
     one = {**busy, "residency": {"mode": "count", "max_models": 1}}
     assert describe(one, "tiny-chat") == (
         "queued for tiny-chat: tiny-task is serving other requests (0 waiting ahead)")
+
+
+def test_one_id_holds_back_a_bounded_amount_of_an_unended_event() -> None:
+    """An upstream that never ends an event (no blank line) is relayed as it comes past
+    MAX_HELD, rather than held in memory until the stream ends."""
+    from swapd.http.progress import MAX_HELD
+
+    one = OneId("chatcmpl-swapd-1")
+    assert one(b'data: {"id":"chatcmpl-model","x":"') == b""
+    piece = b"y" * (MAX_HELD // 4)
+    out = [one(piece) for _ in range(8)]
+    assert sum(map(len, out)) > 0 and all(len(o) <= MAX_HELD + len(piece) + 64 for o in out)
+    assert b"".join(out) + one.flush() == b'data: {"id":"chatcmpl-model","x":"' + piece * 8

@@ -84,6 +84,11 @@ class ProgressStream:
         })
 
 
+MAX_HELD = 64 * 1024
+"""Bytes of an unfinished event ``OneId`` holds back at most (llama-server's events are
+a few hundred bytes)."""
+
+
 class OneId:
     """Gives the model's chunks the id the client already has from the progress chunks.
 
@@ -100,10 +105,14 @@ class OneId:
         self._held = b""  # the part of an event still to come
 
     def __call__(self, data: bytes) -> bytes:
-        """The whole events of ``data`` (with those held), ids replaced; the rest held."""
+        """The whole events of ``data`` (with those held), ids replaced; the rest held,
+        up to ``MAX_HELD`` bytes (past that, an upstream that never ends an event gets
+        its bytes relayed as they are: the rewrite is not worth unbounded memory)."""
         data = self._held + data
         end = max((at + len(sep) for sep in (b"\n\n", b"\r\n\r\n")
                    if (at := data.rfind(sep)) >= 0), default=0)
+        if len(data) - end > MAX_HELD:
+            end = len(data)
         data, self._held = data[:end], data[end:]
         return self._replaced(data) if data else b""
 

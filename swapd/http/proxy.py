@@ -193,7 +193,7 @@ class InferenceProxy:
                 line = f"{model} can't start here; trying the fallbacks"
             else:
                 line = None
-            if line is not None and self.config.progress.reasoning and ex.shape.progress:
+            if line is not None and self._shows_progress(ex):
                 await _say(ex, chunks, line)
         except BaseException:  # a progress write failed (the client left) or a cancel
             if result and isinstance(result[0], Lease):  # not yet the caller's to return
@@ -201,10 +201,14 @@ class InferenceProxy:
             raise
         return result[0]
 
+    def _shows_progress(self, ex: Exchange) -> bool:
+        """Progress lines go on this stream (the setting, and a place in its API)."""
+        return self.config.progress.reasoning and ex.shape.progress
+
     async def _send_progress(self, ex: Exchange, chunks: progress.ProgressStream,
                              profile: str) -> None:
         keepalive = self.config.progress.keepalive
-        reasoning = self.config.progress.reasoning and ex.shape.progress
+        reasoning = self._shows_progress(ex)
         await ex.body_part(ex.shape.keepalive(profile))
         sent = trio.current_time()  # the last byte on the stream
         while True:
