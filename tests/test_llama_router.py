@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import trio
 
 from tests.support.llama_feed import open_feed
 from tests.support.rawhttp import exchange, request_bytes
@@ -268,3 +269,35 @@ async def test_open_webui_llamacpp_provider_sequence(
             assert not answer.is_success
             assert answer.json()["error"]["message"].startswith("model is not running")
         assert not running.supervisor.children()
+
+
+async def test_a_feed_that_fell_behind_tells_its_client_to_list_again(tmp_path: Path) -> None:
+    """More events than the supervisor keeps (256) published while the feed's reader
+    was away: records were lost without a word (a "loaded" among them would leave the
+    client showing "loading"); the feed now sends models_reload, and the client lists
+    the models again."""
+    async with swapd(tmp_path) as (running, client), open_feed(client) as feed:
+        sup = running.supervisor
+        assert sup.events.maxlen is not None
+        for _ in range(sup.events.maxlen + 10):  # no checkpoint: the feed sees it after
+            sup._publish("queued", profile="a")
+        await feed.wait_for(lambda r: r == {"model": "*", "event": "models_reload"})
+
+
+async def test_samples_and_keepalives_keep_their_times_under_other_events(
+        tmp_path: Path) -> None:
+    """While b loads, events that give no record (requests queued) come faster than the
+    sample interval: they used to put every progress sample off until they stopped."""
+    async with swapd(tmp_path, b_flags={"fake-load-ms": 2500}) as (running, client), \
+            open_feed(client) as feed:
+        sup = running.supervisor
+        sup.load_seconds["b"] = 2.5  # a last load time: progress can be estimated
+        assert (await client.post("/models/load", json={"model": "b"})).status_code == 200
+        await feed.wait_status("b", "loading")
+        with trio.move_on_after(2.0):
+            while True:  # an event with no record, every 0.2 s (the sample is 0.5 s)
+                sup._publish("queued", profile="b")
+                await trio.sleep(0.2)
+        samples = [r for r in feed.of("b") if r["data"].get("progress")
+                   and 0 < r["data"]["progress"]["value"] < 1]
+        assert samples, feed.of("b")

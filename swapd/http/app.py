@@ -733,35 +733,40 @@ def _llama_router_routes(app: QuartTrio, fe: Frontend) -> None:
         start = sup.events[-1].seq if sup.events else 0
 
         async def stream() -> AsyncIterator[bytes]:
-            seen, quiet_since = start, trio.current_time()
+            seen = start
+            now = trio.current_time()
+            next_sample, next_keepalive = now, now + SSE_KEEPALIVE
             while True:
                 fresh = [e for e in sup.events if e.seq > seen]
-                if fresh:  # look before waiting (see /swapd/events)
-                    for event in fresh:
-                        seen = event.seq
-                        for record in llama_router.records(event):
-                            yield llama_router.sse(record)
-                        if event.kind == "shutdown":
-                            return
-                    quiet_since = trio.current_time()
-                    continue
-                loading = [name for name in fe.catalog if fe.status_of(name) == "loading"]
-                with trio.move_on_after(llama_router.PROGRESS_INTERVAL if loading
-                                        else SSE_KEEPALIVE) as waited:
-                    await sup.wait_changed()
-                if not waited.cancelled_caught:
-                    continue
-                sent = False
-                for name in loading:
-                    value = progress.load_fraction(*sup.load_progress(name))
-                    if value is not None and fe.status_of(name) == "loading":
-                        yield llama_router.sse(llama_router.progress_record(name, value))
-                        sent = True
-                if sent:
-                    quiet_since = trio.current_time()
-                elif trio.current_time() - quiet_since >= SSE_KEEPALIVE:
+                if fresh and fresh[0].seq > seen + 1:  # fell behind what is kept
+                    yield llama_router.sse(llama_router.RELOAD)  # the client re-lists
+                    next_keepalive = trio.current_time() + SSE_KEEPALIVE
+                for event in fresh:
+                    seen = event.seq
+                    for record in llama_router.records(event):
+                        yield llama_router.sse(record)
+                        next_keepalive = trio.current_time() + SSE_KEEPALIVE
+                    if event.kind == "shutdown":
+                        return
+                # Samples and keep-alives keep their own times: events that give no
+                # record (a request queued, a phase) must not put them off.
+                loading = [c.name for c in sup.children() if c.state is State.STARTING]
+                now = trio.current_time()
+                if loading and now >= next_sample:
+                    next_sample = now + llama_router.PROGRESS_INTERVAL
+                    for name in loading:
+                        value = progress.load_fraction(*sup.load_progress(name))
+                        if value is not None:
+                            yield llama_router.sse(llama_router.progress_record(name, value))
+                            next_keepalive = trio.current_time() + SSE_KEEPALIVE
+                if trio.current_time() >= next_keepalive:
                     yield b": keepalive\n\n"
-                    quiet_since = trio.current_time()
+                    next_keepalive = trio.current_time() + SSE_KEEPALIVE
+                if any(e.seq > seen for e in sup.events):
+                    continue  # published while a yield was suspended: no wait
+                with trio.move_on_at(min(next_sample, next_keepalive) if loading
+                                     else next_keepalive):
+                    await sup.wait_changed()
 
         return _sse(stream())
 

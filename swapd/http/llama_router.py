@@ -107,11 +107,16 @@ def _status(model: str, status: str, event: str = "status_change",
     return {"model": model, "event": event, "data": {"status": status, **extra}}
 
 
+RELOAD: dict[str, Any] = {"model": "*", "event": "models_reload"}
+"""Every model may have changed: the client lists them again (after a config reload,
+or when a slow reader missed records the supervisor no longer keeps)."""
+
+
 def records(event: Event) -> list[dict[str, Any]]:
     """The feed records for one published event (the table in the module docstring)."""
     profile = event.data.get("profile")
     if event.kind == "reloaded":
-        return [{"model": "*", "event": "models_reload"}]
+        return [RELOAD]
     if not isinstance(profile, str):
         return []
     if event.kind == "starting":
