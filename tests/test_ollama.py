@@ -363,3 +363,29 @@ async def test_chat_generate_and_embed_through_swaps_with_the_real_server(
         assert no_fim.value.status_code == 501 and "Infill is not supported" in (
             no_fim.value.error)
         assert running.supervisor.stats["swaps"] >= 2
+
+
+def test_junk_that_used_to_escape_the_translation() -> None:
+    """An integer keep_alive past any float ended the connection with no answer
+    (OverflowError); messages given as an object were taken for none."""
+    from swapd.http.ollama import OllamaError, parse_keep_alive, translate
+
+    assert parse_keep_alive(10**400) == math.inf
+    for messages in ({}, "", 0):
+        with pytest.raises(OllamaError) as refused:
+            translate("/api/chat", {"model": "a", "messages": messages})
+        assert refused.value.status == 400
+
+
+def test_upstream_events_in_any_line_ending_and_bounded() -> None:
+    """A fallback may end SSE lines in CRLF, and its last event may lack the blank line
+    (flushed at the end); an event that never ends is an upstream error, not a buffer
+    that grows for the whole answer."""
+    from swapd.http.ollama import MAX_EVENT, sse_events
+    from swapd.net.upstream import UpstreamError
+
+    buffer = bytearray()
+    assert list(sse_events(buffer, b'data: {"a":1}\r\n\r\ndata: 2\r\n')) == [b'{"a":1}']
+    assert list(sse_events(buffer, b"\n\n")) == [b"2"]
+    with pytest.raises(UpstreamError):
+        list(sse_events(bytearray(), b"data: " + b"x" * MAX_EVENT))

@@ -104,7 +104,10 @@ def parse_keep_alive(value: Any) -> float | None:
     if isinstance(value, bool):
         raise OllamaError(400, "keep_alive must be a duration like \"5m\" or seconds")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer past any float: forever, as -1 says
+            seconds = math.inf
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -266,7 +269,7 @@ def translate(api: str, payload: dict[str, Any]) -> Call:
     if api == "/api/chat":
         messages = payload.get("messages")
         call.load_only = messages is None or messages == []
-        body["messages"] = _messages(messages or [])
+        body["messages"] = _messages([] if messages is None else messages)
         if payload.get("tools"):
             body["tools"] = payload["tools"]
         call.think = _think(payload.get("think"), body)
@@ -509,9 +512,22 @@ def _dims(vector: list[float], dimensions: int | None) -> list[float]:
     return [v / norm for v in cut]
 
 
+MAX_EVENT = 1024 * 1024
+"""Bytes of one upstream SSE event held while it arrives, at most."""
+
+_JUNK = (TypeError, ValueError, AttributeError, KeyError, OverflowError)
+"""What an upstream's answer of an unexpected shape raises while it is translated."""
+
+
 def sse_events(buffer: bytearray, data: bytes) -> Iterator[bytes | None]:
-    """Feed SSE bytes; yield each complete ``data:`` payload, and None for a comment."""
-    buffer += data
+    """Feed SSE bytes; yield each complete ``data:`` payload, and None for a comment.
+
+    Lines may end in CRLF or CR (a JSON payload holds no raw CR); an event past
+    ``MAX_EVENT`` bytes is an ``UpstreamError``, not a buffer that grows without end.
+    """
+    buffer += data.replace(b"\r", b"")
+    if len(buffer) > MAX_EVENT and buffer.find(b"\n\n") < 0:
+        raise UpstreamError(f"it sent an event of over {MAX_EVENT} bytes")
     while True:
         end = buffer.find(b"\n\n")
         if end < 0:
@@ -626,9 +642,11 @@ class OllamaExchange(Exchange):
             if not self.stream:
                 try:
                     obj = parse_json_object(await response.aread())
+                    body = json.dumps(answer.whole(obj), ensure_ascii=False).encode()
                 except RequestError:
                     return f"{label} answered something that is not a JSON object"
-                body = json.dumps(answer.whole(obj), ensure_ascii=False).encode()
+                except _JUNK as junk:
+                    return f"{label} answered in a shape swapd cannot translate: {junk!r}"
                 if self.headers_sent:  # not possible: only streams start early
                     await Exchange.end(self, body)
                 else:
@@ -638,9 +656,12 @@ class OllamaExchange(Exchange):
             if not self.headers_sent:
                 await Exchange.start(self, 200, NDJSON_HEADERS)
             events = bytearray()
-            while data := await response.next_data():
+            ended = False
+            while not ended:
+                data = await response.next_data()
+                ended = not data  # then what is left of the last event, if it was cut
                 out = []
-                for event in sse_events(events, data):
+                for event in sse_events(events, data or b"\n\n"):
                     if event is None or event == b"[DONE]":
                         continue
                     try:
@@ -653,12 +674,19 @@ class OllamaExchange(Exchange):
                             error, dict) else error))
                         return None
                     if isinstance(obj, dict):
-                        out += [ndjson(piece) for piece in answer.event(obj)]
+                        try:
+                            out += [ndjson(piece) for piece in answer.event(obj)]
+                        except _JUNK as junk:
+                            return f"{label} sent an event swapd cannot translate: {junk!r}"
                 if out:
                     await Exchange.body_part(self, b"".join(out))
-            calls = answer.tool_calls()
-            last = ndjson(answer.piece("", None, calls)) if calls else b""
-            await Exchange.end(self, last + ndjson(answer.done()))
+            try:
+                calls = answer.tool_calls()
+                last = ndjson(answer.piece("", None, calls)) if calls else b""
+                last += ndjson(answer.done())
+            except _JUNK as junk:
+                return f"{label} answered in a shape swapd cannot translate: {junk!r}"
+            await Exchange.end(self, last)
         except UpstreamError as error:
             return f"{label} stopped answering: {error}"
         finally:
