@@ -125,6 +125,10 @@ HEALTH_MISSES = 3
 POST_TIMEOUT = 5.0
 """Seconds a helper task's report may wait for room in the supervisor's channel."""
 
+REPLY_TIMEOUT = 10.0
+"""Seconds a command may wait for the loop's room and answer (the loop answers at once;
+only a loop that is gone leaves it waiting): then it reads as shutting down."""
+
 UNLOAD_MARGIN = 10.0
 """Seconds an unload may take beyond its drain, cache save and stop grace (the stop's
 own SIGKILL and reap) before ``unload`` reports that it did not finish."""
@@ -384,19 +388,21 @@ class Supervisor:
         swapd is shutting down), else None.
         """
         reply_send, reply_receive = trio.open_memory_channel[LeaseError | None](1)
-        try:
-            await self._send.send(Load(name, reply_send))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return ShuttingDown()
-        return await reply_receive.receive()  # always answered, by the loop or its exit
+        with trio.move_on_after(REPLY_TIMEOUT):
+            try:
+                await self._send.send(Load(name, reply_send))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return ShuttingDown()
+            return await reply_receive.receive()  # answered by the loop or its exit
+        return ShuttingDown()
 
     async def unload(self, name: str | None = None, *, wait: bool = True) -> bool:
         """Stop a model (``name``) or every resident one but the pinned (None) once
         their in-flight requests are done.
 
         Bounded by the drain, the stop grace and a cache save; False if that passed.
-        With ``wait=False`` it returns once the loop has the command (llama.cpp's
-        ``POST /models/unload``; the stop is published as it happens).
+        With ``wait=False`` it returns once the command is sent, before the loop acts
+        on it (llama.cpp's ``POST /models/unload``; the stop is published as it happens).
         Raises ``UnknownModel`` for a name no profile has.
         """
         if name is not None:
@@ -410,7 +416,7 @@ class Supervisor:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
         if not wait:
-            return done.is_set()
+            return done.is_set()  # it has only been sent: as good as always False
         with trio.move_on_after(self.unload_timeout):
             await done.wait()
         return done.is_set()
@@ -420,7 +426,8 @@ class Supervisor:
         unloads it as soon as no request holds or waits for it, ``math.inf`` never, None
         goes back to the TTL. Until the model stops or the next call; a pinned model
         stays. Without effect on a model that is not running."""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        with trio.move_on_after(REPLY_TIMEOUT), contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError):
             await self._send.send(KeepAlive(name, seconds))
 
     def idle_ttl(self, name: str) -> float | None:
@@ -456,11 +463,13 @@ class Supervisor:
         unloaded once idle. Requests waiting for a removed profile get 404.
         """
         reply_send, reply_receive = trio.open_memory_channel[dict[str, Any] | LeaseError](1)
-        try:
-            await self._send.send(Reload(config, reply_send))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ShuttingDown() from None
-        result = await reply_receive.receive()  # always answered, by the loop or its exit
+        result: dict[str, Any] | LeaseError = ShuttingDown()
+        with trio.move_on_after(REPLY_TIMEOUT):
+            try:
+                await self._send.send(Reload(config, reply_send))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ShuttingDown() from None
+            result = await reply_receive.receive()  # answered by the loop or its exit
         if isinstance(result, LeaseError):
             raise result
         return result
