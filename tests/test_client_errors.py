@@ -171,3 +171,15 @@ async def test_a_client_gone_as_its_lease_arrives_gives_the_lease_back(
         with trio.fail_after(5):
             while running.supervisor.n_inflight:
                 await trio.sleep(0.01)
+
+
+async def test_nan_and_infinity_are_the_clients_400(tmp_path: Path) -> None:
+    """Python's json reads NaN and Infinity; llama-server's parser does not, so they
+    were forwarded and came back as the model's 500."""
+    async with swapd(tmp_path) as (_running, client):
+        for constant in ("NaN", "Infinity", "-Infinity"):
+            body = '{"model": "a", "messages": [], "temperature": %s}' % constant
+            for path in ("/v1/chat/completions", "/api/chat"):
+                answer = await client.post(path, content=body)
+                assert answer.status_code == 400, (path, constant, answer.text)
+                assert "not a JSON number" in answer.text

@@ -311,7 +311,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     ValueError: that too is the client's malformed body, not swapd's failure.
     """
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_not_json)
     except ValueError as error:
         raise RequestError(400, f"request body is not valid JSON: {error}",
                            "invalid_json") from None
@@ -322,6 +322,11 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise RequestError(400, "request body must be a JSON object, not "
                            f"{_json_kind(payload)}", "invalid_json")
     return payload
+
+
+def _not_json(constant: str) -> Any:
+    """NaN and Infinity, which Python reads but JSON (and llama-server) does not."""
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def encode_json(payload: dict[str, Any]) -> bytes:
