@@ -31,7 +31,7 @@ from swapd.core import ChildLog, State, Supervisor
 from swapd.errors import ConfigError, LeaseError
 from swapd.http import cors, llama_router, progress
 from swapd.http.auth import Keys, load_keys
-from swapd.http.catalog import ModelEntry, build_catalog
+from swapd.http.catalog import ModelEntry, build_catalog, resolve_tagged
 from swapd.http.fallback import FallbackChain
 from swapd.http.fastpath import NATIVE_POSTS, OLLAMA_POSTS, RequestError, error_body, is_ollama_path
 from swapd.http.proxy import parse_json_object
@@ -93,11 +93,8 @@ class Frontend:
         if not name:
             active = self.supervisor.active
             return self.catalog.get(active.name) if active else None
-        for candidate in (name, name.removesuffix(":latest")):
-            resolved = self.config.resolve(candidate)
-            if isinstance(resolved, Profile):
-                return self.catalog.get(resolved.name)
-        return None
+        _, resolved = resolve_tagged(self.config, name)
+        return self.catalog.get(resolved.name) if isinstance(resolved, Profile) else None
 
     def context(self, entry: ModelEntry) -> tuple[int, str]:
         """The context one request gets, and where that figure comes from: ``live``,
@@ -539,8 +536,8 @@ def _operations_routes(app: QuartTrio, fe: Frontend) -> None:
             "fallbacks": fe.fallbacks.status(),
             "profiles": {name: {"status": fe.status_of(name),
                                 "display_name": e.profile.label,
-                                "context_length": fe.context(e)[0],
-                                "context_source": fe.context(e)[1],
+                                "context_length": (context := fe.context(e))[0],
+                                "context_source": context[1],
                                 "aliases": list(e.profile.aliases),
                                 "memory": fe.memory(e),
                                 "footprint": sup.footprint_of(name)}

@@ -16,7 +16,7 @@ import os
 
 import attrs
 
-from swapd.config import Config, Profile
+from swapd.config import Config, Fallback, Profile
 from swapd.estimate import Estimate, LayoutCache, ModelLayoutError, estimate_profile, slot_context
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096
 """Advertised when neither the profile nor a readable model file says (documented)."""
 
+
+
+def resolve_tagged(config: Config, name: str) -> tuple[str, Profile | Fallback | None]:
+    """``name`` as Ollama's clients write it: a profile, alias or fallback, or that with
+    ``:latest`` (Ollama's default tag); the name that resolved, and what it names."""
+    for candidate in (name, name.removesuffix(":latest")):
+        resolved = config.resolve(candidate)
+        if resolved is not None:
+            return candidate, resolved
+    return name, None
 
 @attrs.frozen
 class ModelEntry:

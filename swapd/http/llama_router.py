@@ -64,10 +64,10 @@ def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error": {"code": status, "message": message, "type": type_}}).encode()
 
 
-def model_field(body: Any) -> str:
+def model_field(body: dict[str, Any]) -> str:
     """The ``model`` a management request names; "" when absent or not a string (as
     llama.cpp's ``json_value`` reads it: the lookup then finds no such model)."""
-    model = body.get("model") if isinstance(body, dict) else None
+    model = body.get("model")
     return model if isinstance(model, str) else ""
 
 
@@ -83,7 +83,7 @@ def status_object(value: str, *, failed: bool = False,
     llama.cpp adds ``args`` (the child's argv): left out, it names server paths.
     """
     status: dict[str, Any] = {"value": value}
-    if failed and value == "unloaded":
+    if failed:  # a failed profile has no child: always "unloaded"
         status |= {"failed": True, "exit_code": failure_code(exit_code)}
     return status
 

@@ -29,6 +29,7 @@ import trio
 
 from swapd.config import Fallback, Profile
 from swapd.errors import LeaseError
+from swapd.http.catalog import resolve_tagged
 from swapd.http.fastpath import OLLAMA_POSTS, Exchange, RequestError
 from swapd.http.proxy import InferenceProxy, encode_json, parse_json_object
 from swapd.net.upstream import ChildResponse, HttpxResponse, UpstreamError
@@ -299,7 +300,7 @@ def translate(api: str, payload: dict[str, Any]) -> Call:
             body["messages"] = turns
             call.think = _think(payload.get("think"), body)
             _format(payload.get("format"), body, chat=True)
-    elif api in ("/api/embed", "/api/embeddings"):
+    else:  # /api/embed, /api/embeddings (OLLAMA_POSTS: the only routes served here)
         call.path, call.stream = "/v1/embeddings", False
         key = "input" if api == "/api/embed" else "prompt"
         inputs = payload.get(key)
@@ -316,17 +317,13 @@ def translate(api: str, payload: dict[str, Any]) -> Call:
                     dimensions < 1):
                 raise OllamaError(400, "dimensions must be a positive integer")
             call.dimensions = dimensions
-    else:
-        raise OllamaError(404, f"404 page not found: {api}")
-    if call.stream and call.path != "/v1/embeddings":
+    if call.stream:  # never an embedding
         body["stream"] = True
         if call.path != "/infill":
             body["stream_options"] = {"include_usage": True}
-    body.update(_options(payload.get("options"), api))
-    if call.path == "/v1/embeddings":
-        for key in list(body):
-            if key not in ("model", "input", "embd_normalize"):
-                del body[key]
+    options = _options(payload.get("options"), api)  # checked on every route
+    if call.path != "/v1/embeddings":  # nothing to sample in an embedding
+        body.update(options)
     return call
 
 
@@ -590,9 +587,9 @@ class OllamaExchange(Exchange):
 
     async def start(self, status: int, headers: Any, length: int | None = None,
                     body: bytes = b"") -> None:
-        """The proxy's early 200 of a waiting stream: Ollama's NDJSON head instead."""
-        await Exchange.start(self, status, NDJSON_HEADERS if length is None else headers,
-                             length, body)
+        """The proxy's early 200 of a waiting stream (its only call): Ollama's NDJSON
+        head instead of SSE's."""
+        await Exchange.start(self, status, NDJSON_HEADERS, length, body)
 
     async def body_part(self, data: bytes) -> None:
         """swapd's own lines while the request waits (SSE from ``proxy``): progress in
@@ -647,11 +644,9 @@ class OllamaExchange(Exchange):
                     return f"{label} answered something that is not a JSON object"
                 except _JUNK as junk:
                     return f"{label} answered in a shape swapd cannot translate: {junk!r}"
-                if self.headers_sent:  # not possible: only streams start early
-                    await Exchange.end(self, body)
-                else:
-                    await Exchange.start(self, 200, _JSON_HEADERS, length=len(body), body=body)
-                    self.complete = True
+                # Not started yet: only a stream that thinks starts early.
+                await Exchange.start(self, 200, _JSON_HEADERS, length=len(body), body=body)
+                self.complete = True
                 return None
             if not self.headers_sent:
                 await Exchange.start(self, 200, NDJSON_HEADERS)
@@ -723,11 +718,7 @@ class OllamaApi:
             return
         ex.call, ex.answer = call, Answer(call, ex.started)
         config = proxy.config
-        name = call.model
-        resolved = config.resolve(name)
-        if resolved is None and name.endswith(":latest"):
-            name = name.removesuffix(":latest")
-            resolved = config.resolve(name)
+        name, resolved = resolve_tagged(config, call.model)
         if resolved is None:
             missing = not_found(call.model)
             await ex.fail(missing.status, str(missing))
