@@ -128,6 +128,21 @@ async def test_a_failed_load_reaches_the_feed_with_a_nonzero_exit_code(tmp_path:
         assert by_id["b"]["status"] == {"value": "unloaded", "failed": True, "exit_code": 7}
 
 
+async def test_each_failed_profile_keeps_its_own_exit_code(tmp_path: Path) -> None:
+    """The list read the exit code from swapd's one last error: once b failed too, a
+    (failed first, exit 7) was listed with 1. Each profile's failure record keeps it."""
+    async with swapd(tmp_path, a_flags={"fake-exit-at-start": 7},
+                     b_flags={"fake-exit-at-start": 5}) as (_running, client), \
+            open_feed(client) as feed:
+        for model in ("a", "b"):
+            assert (await client.post("/models/load", json={"model": model})
+                    ).status_code == 200
+            await feed.wait_status(model, "unloaded")
+        by_id = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+        assert by_id["a"]["status"] == {"value": "unloaded", "failed": True, "exit_code": 7}
+        assert by_id["b"]["status"] == {"value": "unloaded", "failed": True, "exit_code": 5}
+
+
 JUNK = {
     "not JSON": b"{not json", "not UTF-8": b"\xff\xfe", "array": b'[{"model": "a"}]',
     "string": b'"a"', "null": b"null", "deep": b"[" * 100_000 + b"]" * 100_000,

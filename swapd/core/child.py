@@ -135,6 +135,7 @@ class ProfileHealth:
     retry_at: float = -math.inf  # no start before this (backoff)
     opened_at: float | None = None  # circuit open since
     last_error: str | None = None
+    exit_code: int | None = None  # of the last failed start or child (None: none left)
 
     def circuit(self, now: float, cooldown: float) -> str:
         if self.opened_at is None:

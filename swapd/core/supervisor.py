@@ -438,6 +438,12 @@ class Supervisor:
             return (ttl if ttl is not None else self.config.ttl) or None
         return self._idle_ttl(child)
 
+    def failed_exit_code(self, name: str) -> int | None:
+        """The exit code of ``name``'s last failed start or child, as counted for its
+        circuit (None: it left none, or nothing failed)."""
+        health = self.health.get(name)
+        return health.exit_code if health is not None else None
+
     def kill_now(self) -> None:
         """Kill every child at once (a second SIGTERM); never counted as a crash.
 
@@ -917,7 +923,7 @@ class Supervisor:
         self._publish("start_failed", fact=LoadFailed(profile.name, message, error.exit_code,
                                                       swap),
                       profile=profile.name, exit_code=error.exit_code, message=message)
-        self._record_failure(profile.name, message)
+        self._record_failure(profile.name, message, error.exit_code)
         # Everyone waiting for this profile hears why; others keep waiting.
         failure = LocalFailed(error)
         for waiter in self._waiting.pop(profile.name, deque()):
@@ -1032,7 +1038,7 @@ class Supervisor:
         self._forget(child, failed=True)
         self._publish("crashed", fact=Crashed(proc.name, proc.exit_code, False),
                       profile=proc.name, exit_code=proc.exit_code)
-        self._record_failure(proc.name, str(error))
+        self._record_failure(proc.name, str(error), proc.exit_code)
         self._want_again(child.profile)
 
     def _on_hung(self, proc: process.LlamaProcess, why: str) -> None:
@@ -1052,7 +1058,7 @@ class Supervisor:
         self._forget(child, failed=True)
         self._publish("hung", fact=Crashed(proc.name, proc.exit_code, True),
                       profile=proc.name, pid=proc.pid, message=str(error))
-        self._record_failure(proc.name, str(error))
+        self._record_failure(proc.name, str(error), proc.exit_code)
         self._want_again(child.profile)
 
     def _on_stopped(self, child: Child) -> None:
@@ -1322,14 +1328,14 @@ class Supervisor:
             return f"model {name!r} is being swapped out for {child.room_for!r}"
         return f"model {name!r} is being stopped"
 
-    def _record_failure(self, name: str, why: str) -> None:
+    def _record_failure(self, name: str, why: str, exit_code: int | None) -> None:
         """Count a failed start or crash: back off, and open the circuit at the limit."""
         if name not in self.config.profiles:
             return  # removed by a reload: no circuit (or metric) for a gone profile
         restart = self.config.restart
         health = self.health.setdefault(name, ProfileHealth())
         health.failures += 1
-        health.last_error = why
+        health.last_error, health.exit_code = why, exit_code
         now = trio.current_time()
         delay = min(restart.backoff * 2 ** (health.failures - 1), restart.backoff_max)
         health.retry_at = now + delay

@@ -130,9 +130,8 @@ class Frontend:
         sup = self.supervisor
         if sup.profile_state(name) is not State.FAILED:
             return llama_router.status_object(self.status_of(name))
-        error = sup.last_error
-        code = error.exit_code if error is not None and error.profile == name else None
-        return llama_router.status_object(self.status_of(name), failed=True, exit_code=code)
+        return llama_router.status_object(self.status_of(name), failed=True,
+                                          exit_code=sup.failed_exit_code(name))
 
 
 def create_app(frontend: Frontend) -> QuartTrio:
