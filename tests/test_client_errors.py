@@ -178,7 +178,7 @@ async def test_nan_and_infinity_are_the_clients_400(tmp_path: Path) -> None:
     were forwarded and came back as the model's 500."""
     async with swapd(tmp_path) as (_running, client):
         for constant in ("NaN", "Infinity", "-Infinity"):
-            body = '{"model": "a", "messages": [], "temperature": %s}' % constant
+            body = '{"model": "a", "messages": [], "temperature": ' + constant + "}"
             for path in ("/v1/chat/completions", "/api/chat"):
                 answer = await client.post(path, content=body)
                 assert answer.status_code == 400, (path, constant, answer.text)
